@@ -1,0 +1,1 @@
+"""The analyses: each takes a pair (or models) and returns a Result with a tidy table."""

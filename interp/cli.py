@@ -1,0 +1,54 @@
+"""The ``interp`` command: ``interp zoo build``, ``interp figures``, ``interp report``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _offline() -> None:
+    # Never stall on a hub lookup: interp reads only local files and caches.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from interp import zoo
+
+    if args.action == "build":
+        zoo.build(progress=True)
+    elif args.action == "list":
+        for line in zoo.describe():
+            print(line)
+    return 0
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from interp.figures import make_figures
+
+    gallery = make_figures(args.out, sections=args.section or None)
+    print(f"wrote {len(gallery)} figures; open {args.out}/index.html")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline()
+    parser = argparse.ArgumentParser(prog="interp", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    zoo_parser = commands.add_parser("zoo", help="build or list the built-in model zoo")
+    zoo_parser.add_argument("action", choices=["build", "list"])
+    zoo_parser.set_defaults(run=_zoo)
+
+    figures = commands.add_parser("figures", help="regenerate every figure on the zoo")
+    figures.add_argument("--out", default="figures")
+    figures.add_argument("--section", action="append", help="only this section (repeatable)")
+    figures.set_defaults(run=_figures)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
