@@ -20,6 +20,7 @@ export PYTHONHASHSEED := 0
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	mkdir -p $(MPLCONFIGDIR) $(IPYTHONDIR) $(JUPYTER_CONFIG_DIR) $(INTERP_CACHE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
