@@ -15,6 +15,7 @@ from interp.errors import (
     TokenizerMismatchError,
     UnsupportedArchitectureError,
 )
+from interp.analysis.weight_change import WeightChange, weight_change
 from interp.pairs import ModelPair, load_pair
 from interp.tasks import Task
 
@@ -31,5 +32,7 @@ __all__ = [
     "TaskError",
     "TokenizerMismatchError",
     "UnsupportedArchitectureError",
+    "WeightChange",
     "load_pair",
+    "weight_change",
 ]
