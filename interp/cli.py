@@ -32,6 +32,20 @@ def _figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from interp.errors import InterpError
+    from interp.report import make_report
+
+    try:
+        page = make_report(args.base, args.finetuned, task=args.task, out=args.out,
+                           labels=args.label, k=args.k, eps=args.eps)
+    except InterpError as error:
+        print(f"interp report: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {page}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline()
     parser = argparse.ArgumentParser(prog="interp", description=__doc__)
@@ -45,6 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     figures.add_argument("--out", default="figures")
     figures.add_argument("--section", action="append", help="only this section (repeatable)")
     figures.set_defaults(run=_figures)
+
+    report = commands.add_parser(
+        "report", help="run every analysis that applies on your own checkpoints")
+    report.add_argument("base", help="base model: folder, hub id in the local cache, or .gguf")
+    report.add_argument("finetuned", nargs="+", help="fine-tuned folders, PEFT adapters or .gguf")
+    report.add_argument("--task", help="a zoo task name or a task JSON file (Task.save)")
+    report.add_argument("--out", default="report")
+    report.add_argument("--label", action="append", help="a label per fine-tune, in order")
+    report.add_argument("--k", type=int, default=10, help="top-k tuned vectors tested for intruders")
+    report.add_argument("--eps", type=float, default=0.5, help="intruder cosine threshold")
+    report.set_defaults(run=_report)
 
     args = parser.parse_args(argv)
     return args.run(args)
