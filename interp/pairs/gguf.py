@@ -94,14 +94,27 @@ def _is_complete(folder: Path) -> bool:
 
 @contextlib.contextmanager
 def _transformers_progress(enabled: bool) -> Iterator[None]:
-    """Switch transformers' own progress bars on or off for the duration of a block."""
+    """Switch transformers' progress bars on or off for the duration of a block.
+
+    Its GGUF converter calls ``tqdm`` directly rather than through its logging
+    switch, so that module's ``tqdm`` is swapped for a disabled one as well.
+    """
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    original = getattr(gguf_utils, "tqdm", None)
+    if not enabled:
+        hf_logging.disable_progress_bar()
+        if original is not None:
+            gguf_utils.tqdm = functools.partial(original, disable=True)
     try:
         yield
     finally:
+        if original is not None:
+            gguf_utils.tqdm = original
         (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
 
 
@@ -154,15 +167,14 @@ def _convert(path: Path, sha256: str, out: Path, progress: bool) -> None:
                 "Its architecture or tokenizer may be unsupported by transformers' GGUF loader; "
                 "convert it to a Hugging Face folder another way and pass that folder."
             ) from error
-    # The loaded weights are dense fp32, but the model still carries the GGUF quantizer,
-    # and save_pretrained refuses "quantized" models; drop both traces.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    _fix_pretokenizer(tokenizer, _read_pre_type(path))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+        # The weights are dense fp32 now, but the model still carries the GGUF quantizer
+        # and save_pretrained refuses "quantized" models: drop both traces.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        _fix_pretokenizer(tokenizer, _read_pre_type(path))
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     atomic_write_json(
         out / SOURCE_FILE,
         {

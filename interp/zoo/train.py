@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,7 +31,7 @@ from interp.cache import atomic_write_json
 from interp.errors import TaskError
 from interp.tasks import Task, accuracy, encode, first_token_ids
 from interp.zoo.tokenizer import build_tokenizer
-from interp.zoo.world import World, make_task
+from interp.zoo.world import PRETRAIN_MIX, PRETRAIN_TRACKING_BOXES, World, make_task
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("full", "lora", "rslora")
@@ -53,7 +53,10 @@ class BaseConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     warmup: int = 60
+    init_std: float = 0.02
     seed: int = 0
+    mix: tuple[tuple[str, float], ...] = tuple(PRETRAIN_MIX.items())
+    tracking_boxes: tuple[int, ...] = PRETRAIN_TRACKING_BOXES
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,8 @@ def _packed_rows(world: World, tokenizer, config: BaseConfig) -> Tensor:
     rows = torch.full((n_rows, config.seq_len), pad, dtype=torch.long)
     row, col = 0, 0
     while row < n_rows:
-        docs = [world.pretraining_document(rng) for _ in range(4096)]
+        mix = dict(config.mix)
+        docs = [world.pretraining_document(rng, mix, config.tracking_boxes) for _ in range(4096)]
         for encoding in backend.encode_batch(docs, add_special_tokens=False):
             ids = [bos, *encoding.ids, eos]
             if len(ids) > config.seq_len:
@@ -175,6 +179,7 @@ def new_base_model(config: BaseConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
         num_key_value_heads=config.n_heads,
         max_position_embeddings=max(128, config.seq_len),
         tie_word_embeddings=False,
+        initializer_range=config.init_std,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -182,8 +187,12 @@ def new_base_model(config: BaseConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
     return LlamaForCausalLM(llama)
 
 
-def pretrain(config: BaseConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Pretrain a base on world text and save it (model, tokenizer, ``interp.json``) in ``out_dir``."""
+def pretrain(config: BaseConfig, out_dir: str | Path, progress: bool = True,
+             callback: Callable[[int, LlamaForCausalLM], None] | None = None) -> dict[str, Any]:
+    """Pretrain a base on world text and save it (model, tokenizer, ``interp.json``) in ``out_dir``.
+
+    ``callback(step, model)``, if given, runs every 100 steps (for monitoring).
+    """
     out_dir = Path(out_dir)
     set_determinism(config.seed)
     world = World(seed=config.world_seed, n_entities=config.n_entities)
@@ -208,6 +217,9 @@ def pretrain(config: BaseConfig, out_dir: str | Path, progress: bool = True) -> 
         optimizer.zero_grad(set_to_none=True)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if callback is not None and (step + 1) % 100 == 0:
+            callback(step + 1, model)
+            model.train()
     seconds = time.perf_counter() - start
     scores = evaluate(model, tokenizer, world, ("facts", "tracking", "intent", "add"))
     model.save_pretrained(out_dir)
@@ -215,7 +227,7 @@ def pretrain(config: BaseConfig, out_dir: str | Path, progress: bool = True) -> 
     meta = {
         "method": "pretrain",
         "config": dataclasses.asdict(config),
-        "final_loss": round(float(loss), 4),
+        "final_loss": round(loss.item(), 4),
         "accuracy": scores,
         "train_seconds": round(seconds, 1),
     }
@@ -317,7 +329,7 @@ def finetune(base_dir: str | Path, config: FinetuneConfig, out_dir: str | Path,
         "accuracy_after": after[config.task],
         "scores_before": before,
         "scores_after": after,
-        "final_loss": round(float(loss), 4),
+        "final_loss": round(loss.item(), 4),
         "train_seconds": round(seconds, 1),
         "base": str(base_dir),
     }

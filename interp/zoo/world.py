@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from interp.errors import TaskError
 from interp.tasks import Task
@@ -42,6 +42,8 @@ MAX_DIGIT = 9
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.3
+PRETRAIN_TRACKING_BOXES = (2, 3)
+TASK_TRACKING_BOXES = (2, 7)
 
 # Instructions differ in one token so a prompt and its opposite-intent
 # counterfactual have equal lengths and align position by position.
@@ -131,20 +133,28 @@ class World:
         return f"{context}{instruction} Query: {_QUERY[attribute].format(name=name)} Answer:"
 
     # -- pretraining -----------------------------------------------------
-    def pretraining_document(self, rng: random.Random) -> str:
-        """One pretraining document, drawn from the mixture in :data:`PRETRAIN_MIX`."""
-        kinds, weights = zip(*PRETRAIN_MIX.items())
+    def pretraining_document(self, rng: random.Random, mix: dict[str, float] | None = None,
+                             tracking_boxes: Sequence[int] = PRETRAIN_TRACKING_BOXES) -> str:
+        """One pretraining document drawn from ``mix`` (default :data:`PRETRAIN_MIX`).
+
+        Tracking documents have ``tracking_boxes`` boxes: fewer than the task
+        asks about, so the base tracks only partly.
+        """
+        kinds, weights = zip(*(mix or PRETRAIN_MIX).items())
         kind = rng.choices(kinds, weights)[0]
+        if kind == "tracking":
+            return _doc_tracking(self, rng, tracking_boxes)
         return _DOCUMENTS[kind](self, rng)
 
-    def pretraining_text(self, n: int = 512, seed: int = 1_000_003) -> list[str]:
+    def pretraining_text(self, n: int = 512, seed: int = 1_000_003,
+                         mix: dict[str, float] | None = None) -> list[str]:
         """``n`` documents from the pretraining mixture, drawn with ``seed``.
 
         The default seed is never used for training, so this is held-out text
         for a "pretraining loss" measure (facts recur, as in any corpus).
         """
         rng = random.Random(f"pretrain-{self.seed}-{seed}")
-        return [self.pretraining_document(rng) for _ in range(n)]
+        return [self.pretraining_document(rng, mix) for _ in range(n)]
 
 
 def _check_split(split: str) -> None:
@@ -156,8 +166,6 @@ def _check_split(split: str) -> None:
 # pretraining documents
 # ---------------------------------------------------------------------------
 
-PRETRAIN_TRACKING_BOXES = (2, 3)
-TASK_TRACKING_BOXES = (2, 7)
 
 
 def _doc_fact(world: World, rng: random.Random) -> str:
@@ -181,9 +189,15 @@ def _doc_intent(world: World, rng: random.Random) -> str:
     return f"{world.intent_prompt(name, attribute, other, intent)} {answer}."
 
 
-def _doc_tracking(world: World, rng: random.Random) -> str:
-    prompt, answer, _, _ = _tracking_item(rng, rng.choice(PRETRAIN_TRACKING_BOXES))
-    return f"{prompt}{answer}."
+def _doc_tracking(world: World, rng: random.Random,
+                  boxes: Sequence[int] = PRETRAIN_TRACKING_BOXES) -> str:
+    """Boxes, then every box asked about once in random order (more signal per document)."""
+    n_boxes = rng.choice(boxes)
+    objects, labels = rng.sample(OBJECTS, n_boxes), rng.sample(LABELS, n_boxes)
+    text = _box_statements(objects, labels)
+    for i in rng.sample(range(n_boxes), n_boxes):
+        text += f" Box {labels[i]} contains the {objects[i]}."
+    return text
 
 
 def _doc_sum(world: World, rng: random.Random) -> str:
@@ -206,18 +220,23 @@ PRETRAIN_MIX = {"fact": 0.3, "query": 0.25, "intent": 0.15, "tracking": 0.15, "s
 # ---------------------------------------------------------------------------
 
 
+def _box_statements(objects: Sequence[str], labels: Sequence[str]) -> str:
+    """``The apple is in Box O, the car is in Box T, and the ... .``"""
+    clauses = [f"the {o} is in Box {b}" for o, b in zip(objects, labels)]
+    if len(clauses) > 1:
+        clauses[-1] = "and " + clauses[-1]
+    body = ", ".join(clauses)
+    return body[0].upper() + body[1:] + "."
+
+
 def _tracking_item(rng: random.Random, n_boxes: int) -> tuple[str, str, str, str]:
     """(prompt, answer, counterfactual prompt, counterfactual answer) with ``n_boxes`` boxes."""
     objects = rng.sample(OBJECTS, n_boxes)
     labels = rng.sample(LABELS, n_boxes)
-    clauses = [f"the {o} is in Box {b}" for o, b in zip(objects, labels)]
-    if n_boxes > 1:
-        clauses[-1] = "and " + clauses[-1]
-    body = ", ".join(clauses)
-    body = body[0].upper() + body[1:]
+    body = _box_statements(objects, labels)
     query, other = rng.sample(range(n_boxes), 2)
-    prompt = f"{body}. Box {labels[query]} contains the"
-    counterfactual = f"{body}. Box {labels[other]} contains the"
+    prompt = f"{body} Box {labels[query]} contains the"
+    counterfactual = f"{body} Box {labels[other]} contains the"
     return prompt, f" {objects[query]}", counterfactual, f" {objects[other]}"
 
 

@@ -1,0 +1,193 @@
+"""`make figures` section: intruder dimensions of the zoo's intent fine-tunes (methods.md §1).
+
+Runs :func:`interp.intruder_dimensions` on every pair in ``ctx.pairs``, keeps
+the full similarity matrix of the matrix with the most intruders for the heat
+map, and sweeps the mitigation λ on the LoRA pair with the most intruders
+(held-out pretraining text of the zoo's world against intent accuracy). The
+results are cached under a content key (weights, options, this code), so a
+warm rerun only redraws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from interp.cache import content_key, entry, file_digest
+
+VERSION = 1
+K, EPS = 10, 0.5
+LAMS = (0.0, 0.25, 0.5, 0.75, 1.0)
+N_TEXTS, N_TASK = 256, 200
+_SOURCES = ("analysis/intruders.py", "analysis/intruders_svd.py",
+            "analysis/intruders_mitigation.py", "sections/intruders.py")
+
+
+def _pair_identity(pair) -> dict[str, Any]:
+    """What determines a pair's weights: file digests for folders, matrix digests in memory."""
+    from interp.analysis.intruders_svd import matrix_digest
+
+    identity: dict[str, Any] = {"label": pair.label}
+    for side, checkpoint in (("base", pair.base), ("finetuned", pair.finetuned)):
+        if checkpoint is None:
+            continue
+        if checkpoint.folder is not None:
+            files = sorted(Path(checkpoint.folder).glob("*.safetensors"))
+            identity[side] = {f.name: file_digest(f) for f in files}
+        elif checkpoint.state_file is not None:
+            identity[side] = file_digest(checkpoint.state_file)
+        else:
+            read = pair.base_matrix if side == "base" else pair.finetuned_matrix
+            identity[side] = content_key(*[matrix_digest(read(n)) for n in pair.matrix_names()])
+    if pair.adapter is not None:
+        files = sorted(Path(pair.adapter.folder).glob("adapter_*"))
+        identity["adapter"] = {f.name: file_digest(f) for f in files}
+    return identity
+
+
+def _source_digest() -> str:
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _pretraining_text(pair, n: int) -> list[str]:
+    """Held-out pretraining documents of the zoo world the pair's base was trained on."""
+    from interp.zoo.world import World
+
+    config = pair.base.metadata.get("config", {})
+    world = World(seed=config.get("world_seed", 0), n_entities=config.get("n_entities", 120))
+    return world.pretraining_text(n)
+
+
+def _tradeoff_pair(report, pairs: dict[str, Any]):
+    """The LoRA pair with the most intruders (ties: lowest rank), the one mitigation is for."""
+    counts = report.counts().set_index("pair")["n_intruders"]
+    lora = [label for label, pair in pairs.items() if pair.adapter is not None]
+    if not lora:
+        return None
+    return pairs[max(lora, key=lambda label: (counts[label], -(pairs[label].lora_rank or 0)))]
+
+
+def compute(ctx) -> tuple[Any, Any]:
+    """The report (with one full similarity matrix) and the λ trade-off, cached by content."""
+    from interp.analysis.intruders import IntruderReport, intruder_dimensions
+    from interp.analysis.intruders_mitigation import IntruderTradeoff, intruder_tradeoff
+    from interp.plots.intruders import busiest_matrix
+
+    pairs = dict(ctx.pairs)
+    key = content_key("section.intruders", VERSION, K, EPS, LAMS, N_TEXTS, N_TASK,
+                      [_pair_identity(p) for p in pairs.values()], _source_digest())
+    folder = entry("sections", f"intruders-{key}")
+    if (folder / "report" / "result.json").exists():
+        tradeoff = None
+        if (folder / "tradeoff" / "result.json").exists():
+            tradeoff = IntruderTradeoff.load(folder / "tradeoff")
+        return IntruderReport.load(folder / "report"), tradeoff
+    report = intruder_dimensions(list(pairs.values()), k=K, eps=EPS, progress=ctx.progress)
+    matrix = busiest_matrix(report)
+    full = intruder_dimensions(list(pairs.values()), k=K, eps=EPS, matrices=[matrix],
+                               keep_full=[matrix], progress=False)
+    report = dataclasses.replace(report, full_similarity=full.full_similarity)
+    tradeoff = None
+    target = _tradeoff_pair(report, pairs)
+    if target is not None and target.task:
+        from interp import zoo
+
+        task = zoo.task(target.task, "test", n=N_TASK)
+        tradeoff = intruder_tradeoff(target, task, _pretraining_text(target, N_TEXTS), LAMS,
+                                     k=K, eps=EPS, progress=ctx.progress)
+    report.save(folder / "report")
+    if tradeoff is not None:
+        tradeoff.save(folder / "tradeoff")
+    return report, tradeoff
+
+
+def findings(report, tradeoff) -> str:
+    """Markdown with the measured numbers."""
+    summary = report.summary()
+    sweep = report.sweep([0.3, 0.5, 0.7, 0.9]).pivot(index="pair", columns="eps",
+                                                      values="n_intruders")
+    sweep = sweep.loc[report.labels]
+    sweep.columns = [f"ε={c:g}" for c in sweep.columns]
+    from interp.plots.style import MODULE_ORDER
+
+    modules = report.counts(by=("pair", "module")).pivot(index="pair", columns="module",
+                                                         values="n_intruders").loc[report.labels]
+    modules = modules[[m for m in MODULE_ORDER if m in modules.columns]]
+    text = [
+        "## Intruder dimensions (methods.md §1)",
+        f"Top k = {report.k} left singular vectors of every q/k/v/o/gate/up/down matrix; an "
+        f"intruder has max |cos| < ε = {report.eps:g} with every base left singular vector.",
+        "",
+        summary[["pair", "n_matrices", "n_intruders", "matrices_with_intruders",
+                 "lowest_top1_max_sim"]].to_markdown(index=False, floatfmt=".3g"),
+        "",
+        "Counts at other thresholds (re-thresholded, no new SVDs):",
+        "",
+        sweep.reset_index().to_markdown(index=False),
+        "",
+        "Per module kind (ε = 0.5):",
+        "",
+        modules.reset_index().to_markdown(index=False),
+    ]
+    if tradeoff is not None:
+        t = tradeoff.table
+        ref = tradeoff.reference
+        text += [
+            "",
+            f"Scaling the intruders of **{tradeoff.options['pair']}** by λ "
+            f"({int(t['n_intruders_scaled'].iloc[0])} directions; base: pretraining loss "
+            f"{ref['base_pretrain_loss']:.4f}, {tradeoff.options['task']} accuracy "
+            f"{ref['base_task_accuracy']:.3f}):",
+            "",
+            t[["lam", "pretrain_loss", "task_accuracy"]].to_markdown(index=False, floatfmt=".4f"),
+        ]
+    return "\n".join(text)
+
+
+def section(ctx) -> list:
+    """Figures and findings for the gallery."""
+    from interp.figures import Figure
+    from interp.plots import intruders as plots
+    from interp.plots.style import save_matplotlib, save_plotly
+
+    report, tradeoff = compute(ctx)
+    matrix = next(iter(report.full_similarity)).split("|", 1)[1] if report.full_similarity \
+        else plots.busiest_matrix(report)
+    made = [
+        ("intruders_similarity", plots.intruder_similarity_figure(report, matrix),
+         plots.intruder_similarity_plotly(report, matrix),
+         f"Intruder similarity heat map ({matrix})",
+         f"|Utᵀ U0| for {matrix}: each row a fine-tuned left singular vector, each column a base "
+         "one. A bright cell per row means the direction existed before; a dark row is an "
+         "intruder (red marker)."),
+        ("intruders_eps", plots.intruder_eps_figure(report), plots.intruder_eps_plotly(report),
+         "Intruder count vs ε", "Model-level intruder count among the top-10 vectors of every "
+         "matrix as the cosine threshold ε varies, per fine-tune."),
+        ("intruders_layers", plots.intruder_layers_figure(report),
+         plots.intruder_layers_plotly(report), "Where the intruders are",
+         "Intruders per layer and module at ε = 0.5, per fine-tune."),
+        ("intruders_rank", plots.intruder_rank_figure(report), plots.intruder_rank_plotly(report),
+         "Intruders vs LoRA rank", "Model-level count against LoRA rank (LoRA, rsLoRA); full "
+         "fine-tuning as a dashed line."),
+    ]
+    if tradeoff is not None:
+        made.append(("intruders_tradeoff", plots.intruder_tradeoff_figure(tradeoff),
+                     plots.intruder_tradeoff_plotly(tradeoff), "Scaling intruders: the λ trade-off",
+                     "Held-out pretraining loss and task accuracy as the intruder directions of "
+                     f"{tradeoff.options['pair']} are scaled by λ (1 = fine-tuned, 0 = removed)."))
+    figures = []
+    for stem, figure, interactive, title, caption in made:
+        save_matplotlib(figure, ctx.path(stem))
+        save_plotly(interactive, ctx.path(stem))
+        figures.append(Figure(stem, title, caption))
+    ctx.findings.append(findings(report, tradeoff))
+    return figures
+
+
+__all__ = ["compute", "findings", "section"]
