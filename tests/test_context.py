@@ -21,9 +21,9 @@ import math
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from interp.analysis.context import ContextKnob, auc_and_dprime, context_knob
 from interp.analysis.context_hooks import LayerRangeError, blocks, cache_kwarg
 from interp.analysis.context_profile import intent_subspace_profile
@@ -38,7 +38,6 @@ from interp.analysis.context_task import (
 from interp.analysis.context_transfer import KnobTransfer, knob_transfer, steering_sweep
 from interp.analysis.layer_search import LayerSearch, layer_search
 from interp.errors import ArchitectureMismatchError, TaskError
-from interp.tasks import first_token_ids
 
 N_VALUES = 8
 WORDS = ["Only", "Never", "?"] + [f"e{i}" for i in range(N_VALUES)] + [f"v{i}" for i in range(N_VALUES)]
@@ -290,7 +289,7 @@ def test_layer_search_finds_the_instruction_path_and_traces_it(planted, tmp_path
 
 
 def test_knob_save_load_transfer_table_and_plots(planted, tmp_path):
-    model, tokenizer, u, _ = planted
+    model, tokenizer, _, _ = planted
     task, bare = make_tasks()
     knob = context_knob(model, task, layer=SITE, method="mean_diff", tokenizer=tokenizer)
     knob.save(tmp_path / "knob")
@@ -335,7 +334,8 @@ def test_subspace_profile_sees_a_one_dimensional_intent_only_where_it_is(planted
 def test_das_fast_path_matches_full_forwards(planted):
     model, tokenizer, _, _ = planted
     task, _ = make_tasks()
-    kwargs = dict(layer=SITE, tokenizer=tokenizer, epochs=1, lr=1e-2, progress=False, seed=3)
+    kwargs = {"layer": SITE, "tokenizer": tokenizer, "epochs": 1, "lr": 1e-2, "progress": False,
+              "seed": 3}
     fast = context_knob(model, task, fast=True, **kwargs)
     slow = context_knob(model, task, fast=False, **kwargs)
     assert _cos(fast.direction, slow.direction) > 0.999
@@ -360,9 +360,8 @@ def test_bad_input_raises_named_errors(planted):
     wider = tiny.llama(hidden=64, layers=2, vocab=len(tokenizer))
     with pytest.raises(ArchitectureMismatchError, match="32-dimensional.*64-dimensional"):
         knob.project(wider, ["v1 e2"], tokenizer=tokenizer)
-    with pytest.raises(ArchitectureMismatchError):
-        with knob.steer(wider, 1.0):
-            pass
+    with pytest.raises(ArchitectureMismatchError), knob.steer(wider, 1.0):
+        pass
     with pytest.raises(TaskError, match="lacks extras"):
         context_knob(model, task.__class__(name="plain", prompts=["a"], answers=[" b"]),
                      layer=SITE, tokenizer=tokenizer)

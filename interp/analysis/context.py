@@ -31,7 +31,8 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -297,7 +298,7 @@ class _Targets:
                 try:
                     kv = [(k[:, :, :-1], v[:, :, :-1])
                           for k, v in _cache_tensors(out.past_key_values)]
-                except Exception as error:  # an architecture whose cache we cannot read
+                except Exception as error:  # noqa: BLE001 — an architecture whose cache we cannot read
                     self._give_up(f"KV-prefix caching unavailable ({error})")
                     continue
                 size = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
@@ -318,7 +319,7 @@ class _Targets:
                     self.fast = False
                     slow_logits = self(identity, lambda h: h)
                 self.fast = bool(torch.allclose(fast_logits, slow_logits, atol=1e-3, rtol=1e-3))
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 — any failure means: no fast path
                 self.fast = False
                 warnings.warn(f"KV-prefix caching failed ({error}); using full forwards",
                               stacklevel=3)
@@ -386,7 +387,7 @@ def das_examples(data: IntentData, source: str = "same_item", seed: int = 0
 
 def _das(model, tokenizer, data: IntentData, layer: int, *, epochs: int, batch_size: int,
          lr: float, seed: int, fast: bool, progress: bool, source: str = "same_item",
-         init: Tensor | None = None, runner: "_Targets | None" = None
+         init: Tensor | None = None, runner: _Targets | None = None
          ) -> tuple[Tensor, pd.DataFrame]:
     """Train a rank-1 DAS direction; returns (u, per-step history)."""
     targets, source_index, labels = das_examples(data, source, seed)
@@ -428,7 +429,7 @@ def _das(model, tokenizer, data: IntentData, layer: int, *, epochs: int, batch_s
 @torch.no_grad()
 def interchange_accuracy(model, tokenizer, data: IntentData, layer: int, direction: Tensor, *,
                          source: str = "same_item", seed: int = 0, fast: bool = True,
-                         runner: "_Targets | None" = None) -> float:
+                         runner: _Targets | None = None) -> float:
     """Fraction of prompts whose answer flips to the other intent's when ``u·h`` is swapped in."""
     targets, source_index, labels = das_examples(data, source, seed)
     runner = runner or _Targets(model, tokenizer, targets, layer, fast)

@@ -10,7 +10,7 @@ item-specific content (e.g. the retrieved answer itself), not one coordinate.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
@@ -72,7 +72,7 @@ def intent_subspace_profile(model, task: Task, layers: int | Sequence[int] | Non
                     index = torch.arange(begin, min(begin + 64, len(targets)))
                     source = h_source[index]
 
-                    def fn(h, source=source):
+                    def fn(h, source=source, basis=basis):
                         return h + ((source.to(h.dtype) - h) @ basis) @ basis.T
 
                     hits.append(runner(index, fn).argmax(-1) == labels[index])

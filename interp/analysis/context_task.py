@@ -16,9 +16,10 @@ such an item cannot tell context from prior at the first token.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -158,7 +159,7 @@ class IntentData:
     def answer_ids(self, intent: str) -> Tensor:
         return self.ctx_ids if intent == "ctx" else self.prior_ids
 
-    def subset(self, index: Sequence[int]) -> "IntentData":
+    def subset(self, index: Sequence[int]) -> IntentData:
         index = list(index)
         return dataclasses.replace(
             self, items=[self.items[i] for i in index],

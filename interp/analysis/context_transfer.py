@@ -13,7 +13,8 @@ performance across models, the paper's central claim.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,8 @@ from interp.results import Result
 from interp.tasks import Task
 
 _CHUNK = 64
+#: Below this instructed PairAcc the steered/instructed ratio is reported as NaN (meaningless).
+MIN_INSTRUCTED = 0.1
 
 
 def _steered_argmax(knob: ContextKnob, model, tokenizer, prompts: list[str],
@@ -192,7 +195,8 @@ def knob_transfer(
     Per model: PairAcc with instructions on ``task``; steering values calibrated
     by a sweep on ``calibration`` (a bare task; default ``bare``) around that
     model's own intent means; PairAcc steered without instructions on ``bare``;
-    AUC and d′ of ``u·h`` by intent on ``task``.
+    AUC and d′ of ``u·h`` by intent on ``task``. ``steered_over_instructed`` is
+    NaN where the instructed PairAcc is below :data:`MIN_INSTRUCTED`.
     """
     rows, projections, sweeps = [], [], []
     for label, entry in tqdm(models.items(), desc="knob across models", disable=not progress):
@@ -206,7 +210,7 @@ def knob_transfer(
             "model": label, "instructed_pair_acc": instructed.value,
             "steered_pair_acc": sweep.pair_acc,
             "steered_over_instructed": sweep.pair_acc / instructed.value
-            if instructed.value > 0 else float("nan"),
+            if instructed.value >= MIN_INSTRUCTED else float("nan"),
             "steered_ctx_acc": sweep.ctx_accuracy, "steered_prior_acc": sweep.prior_accuracy,
             "auc": separation.auc, "d_prime": separation.d_prime,
             "c_ctx": sweep.c_ctx, "c_prior": sweep.c_prior,

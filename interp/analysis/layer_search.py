@@ -32,7 +32,8 @@ intent and a different answer (where does the *answer* travel?).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -90,7 +91,7 @@ class LayerSearch(Result):
         capped at the last block) holds the intent. Uses whichever flip pairings
         were searched.
         """
-        flips = [self.ranges[p] for p in FLIP_PAIRINGS if p in self.ranges and self.ranges[p]]
+        flips = [self.ranges[p] for p in FLIP_PAIRINGS if self.ranges.get(p)]
         if not flips:
             raise TaskError("suggest_layer needs a 'ctx->prior' or 'prior->ctx' search")
         return min(max(max(r) for r in flips) + 1, self.n_layers - 1)
@@ -187,7 +188,7 @@ def _search_one(patch: _Patcher, pairing: str, threshold: float, eps: float, phi
     left, right, upper = 1, n, n
     while left <= right:
         mid = (left + right) // 2
-        p_src, _ = measure("upper", list(range(0, mid)))
+        p_src, _ = measure("upper", list(range(mid)))
         if float(p_src.max()) > threshold:
             rows[-1]["accepted"] = True
             upper, right = mid, mid - 1

@@ -320,7 +320,7 @@ def site_ops(site: Site, length: int, width: int, n_items: int) -> list[Op]:
 def run_variants(
     source_runner, target_runner, groups: list[_Group], variant_fn, *, answers: Tensor,
     counter: Tensor | None, n_items: int, n_variants: int, values_fn=None, batch_items: int = 64,
-    batch_tokens: int = 1 << 15, progress: bool = True, desc: str = "patching",
+    batch_tokens: int = 1 << 13, progress: bool = True, desc: str = "patching",
     extra_capture: Sequence[tuple[str, int]] = (),
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Run every variant on every item; returns per-variant metrics ``[V, n]`` and baselines ``[n]``.
@@ -469,7 +469,7 @@ def patch(
     engine: str = "auto",
     dtype: torch.dtype = torch.float32,
     batch_items: int = 64,
-    batch_tokens: int = 1 << 15,
+    batch_tokens: int = 1 << 13,
     progress: bool = True,
 ) -> PatchResult:
     """Patch each site of ``sites`` from the source run into the target run; one result row per site.

@@ -181,18 +181,16 @@ class LlamaRunner:
         the dtype's minimum, softmax in float32 — float64 for float64 runs —,
         weights @ V), so patched runs match a bridge reference to float rounding.
         """
-        if self.n_kv != self.n_heads:
-            group = self.n_heads // self.n_kv
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        n_q, n_k = q.shape[2], k.shape[2]
-        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+        rows, n_q, n_k = q.shape[0], q.shape[2], k.shape[2]
+        group = self.n_heads // self.n_kv  # grouped-query attention: a kv head's queries side by side
+        q = q.reshape(rows, self.n_kv, group * n_q, self.d_head)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale  # [R, KV, G·Sq, T]
         query_pos = torch.arange(first_query, first_query + n_q).unsqueeze(1)
         hidden = torch.arange(n_k).unsqueeze(0) > query_pos
-        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+        scores = scores.view(rows, self.n_kv, group, n_q, n_k).masked_fill(hidden, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
-        weights = weights.to(q.dtype)
-        return torch.matmul(weights, v).transpose(1, 2)
+        z = torch.matmul(weights.to(q.dtype).view(rows, self.n_kv, group * n_q, n_k), v)
+        return z.view(rows, self.n_heads, n_q, self.d_head).transpose(1, 2)
 
     def o_proj(self, layer: int, z: Tensor) -> Tensor:
         return self.layers[layer].self_attn.o_proj(z.reshape(z.shape[0], z.shape[1], self.n_heads * self.d_head))

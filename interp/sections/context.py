@@ -20,7 +20,7 @@ import pandas as pd
 from interp.cache import atomic_dir, content_key, entry
 
 VERSION = 1
-OPTIONS = {"n_fit": 400, "n_test": None, "n_calibration": 200, "n_points": 13,
+OPTIONS = {"n_fit": 300, "n_test": 320, "n_calibration": 150, "n_points": 11,
            "search_items": 64, "das": None}
 _SOURCES = ("analysis/context.py", "analysis/context_task.py", "analysis/context_hooks.py",
             "analysis/context_transfer.py", "analysis/context_profile.py",
@@ -70,7 +70,9 @@ def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
 
     fit = zoo.task("intent", split="train", n=2 * options["n_fit"])
     test = zoo.task("intent", split="test", n=options["n_test"])
-    bare_test = zoo.task("intent_bare", split="test", n=options["n_test"])
+    # intent counts prompts (two per item), intent_bare counts items: the same first items
+    bare_test = zoo.task("intent_bare", split="test",
+                         n=None if options["n_test"] is None else options["n_test"] // 2)
     calibration = zoo.task("intent_bare", split="train", n=options["n_calibration"])
     first = next(iter(pairs.values()))
     tokenizer = first.tokenizer
@@ -161,24 +163,24 @@ def section(ctx) -> list:
     plots = [
         ("context_layer_search", layer_search_figure(search), layer_search_plotly(search),
          "Layer search for the context knob",
-         f"Attention outputs at the last token patched from the other intent (or another item) "
-         f"into {results['home']}; binary searches over layer ranges, then refinement."),
+         ("Attention outputs at the last token patched from the other intent (or another item) "
+          f"into {results['home']}; binary searches over layer ranges, then refinement.")),
         ("context_violins", projection_violins_figure(transfer), projection_violins_plotly(transfer),
          "Knob coordinate by intent, per model",
-         f"u·h at blocks.{results['layer']}.hook_resid_pre (last token) for ctx- and prior-intent "
-         "prompts; the knob comes from one fine-tune and is applied to every model."),
+         (f"u·h at blocks.{results['layer']}.hook_resid_pre (last token) for ctx- and "
+          "prior-intent prompts; the knob comes from one fine-tune and is applied to every model.")),
         ("context_steering", steering_sweep_figure(transfer), steering_sweep_plotly(transfer),
          "Steering without instructions",
-         "Fraction of instruction-free prompts answered from the context / from memory as the "
-         "knob coordinate is set to c (calibration split)."),
+         ("Fraction of instruction-free prompts answered from the context / from memory as the "
+          "knob coordinate is set to c (calibration split).")),
         ("context_separation", separation_scatter_figure(transfer),
          separation_scatter_plotly(transfer), "Separation vs PairAcc",
          "How well the knob separates the intents (AUC) against PairAcc, instructed and steered."),
         ("context_rank", subspace_profile_figure(results["profile"]),
          subspace_profile_plotly(results["profile"]), "Is the intent one-dimensional?",
-         f"Answers of {results['home']} flipped by swapping the top-k principal directions of "
-         "the intent difference at the last token, per layer: a rank-1 knob shows as k = 1 "
-         "already flipping most answers."),
+         (f"Answers of {results['home']} flipped by swapping the top-k principal directions of "
+          "the intent difference at the last token, per layer: a rank-1 knob shows as k = 1 "
+          "already flipping most answers.")),
     ]
     gallery = []
     for stem, figure, interactive, title, caption in plots:

@@ -43,6 +43,7 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.3
 PRETRAIN_TRACKING_BOXES = (2, 3)
+PRETRAIN_TRACKING_QUERIES = 6
 TASK_TRACKING_BOXES = (2, 7)
 
 # Instructions differ in one token so a prompt and its opposite-intent
@@ -191,11 +192,16 @@ def _doc_intent(world: World, rng: random.Random) -> str:
 
 def _doc_tracking(world: World, rng: random.Random,
                   boxes: Sequence[int] = PRETRAIN_TRACKING_BOXES) -> str:
-    """Boxes, then every box asked about once in random order (more signal per document)."""
+    """Boxes, then :data:`PRETRAIN_TRACKING_QUERIES` questions about random boxes.
+
+    Many queries per document give the slow-to-form lookup circuit many
+    supervised examples per step (as in multi-query associative recall).
+    """
     n_boxes = rng.choice(boxes)
     objects, labels = rng.sample(OBJECTS, n_boxes), rng.sample(LABELS, n_boxes)
     text = _box_statements(objects, labels)
-    for i in rng.sample(range(n_boxes), n_boxes):
+    for _ in range(PRETRAIN_TRACKING_QUERIES):
+        i = rng.randrange(n_boxes)
         text += f" Box {labels[i]} contains the {objects[i]}."
     return text
 
