@@ -15,7 +15,7 @@ export JUPYTER_CONFIG_DIR := $(CURDIR)/.cache/jupyter
 export HF_HOME := $(CURDIR)/.cache/huggingface
 export PYTHONHASHSEED := 0
 
-.PHONY: install test figures zoo real bench lint clean
+.PHONY: install test notebooks figures zoo real bench lint clean
 
 install: $(STAMP)
 
@@ -28,7 +28,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not notebook"
+
+notebooks: $(STAMP)
+	$(PY) -m pytest -m notebook tests/test_notebooks.py
 
 figures: $(STAMP)
 	$(PY) -m interp.cli figures --out figures

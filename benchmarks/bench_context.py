@@ -127,11 +127,17 @@ def compare(name: str, model, tokenizer, task, layer: int, *, epochs: int, lr: f
         sys.exit(1)
 
 
-def zoo_model(items: int):
+def zoo_model(items: int, finetuned: str | None = None):
     """The zoo's intent full fine-tune if it is built (never builds it), else a zoo-sized random Llama."""
     from interp import zoo
     from interp.zoo.catalog import path_of, recipe_name
 
+    if finetuned:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return f"intent fine-tune at {finetuned}", AutoModelForCausalLM.from_pretrained(
+            finetuned).eval(), AutoTokenizer.from_pretrained(finetuned), \
+            zoo.task("intent", split="train", n=2 * items)
     if path_of("base").exists() and path_of(recipe_name("intent", "full")).exists():
         pair = zoo.pair("intent", "full")
         return "zoo intent full FT", pair.model("finetuned"), pair.tokenizer, \
@@ -158,8 +164,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="zoo DAS epochs (ZOO_DAS uses 4)")
     parser.add_argument("--items", type=int, default=400)
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--finetuned", help="a full fine-tune folder on the zoo world to use "
+                        "instead of the zoo's (e.g. an older zoo build)")
     args = parser.parse_args()
-    name, model, tokenizer, task = zoo_model(args.items)
+    name, model, tokenizer, task = zoo_model(args.items, args.finetuned)
     layer = len(blocks(model)) // 2
     compare(name, model, tokenizer, task, layer, epochs=args.epochs, lr=1e-2, items=args.items)
     if args.skip_smollm2:

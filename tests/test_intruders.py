@@ -7,9 +7,9 @@ import copy
 import json
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from interp import load_pair
 from interp.analysis import intruders_svd as isvd
 from interp.analysis.intruders import (
@@ -141,7 +141,7 @@ def test_fast_solvers_match_the_full_svd_top_k_including_near_degenerate(solver)
 
 def test_subspace_iteration_float32_and_its_fallback():
     k = 10
-    w0, U, S, V = designed(200, 160, seed=5)
+    w0, U, _, V = designed(200, 160, seed=5)
     wt = (w0 + 0.05 * torch.outer(U[:, 50], V[:, 60])).float()
     base = isvd.base_svd(w0.float(), cache=False)
     top = isvd.top_singular(wt, k, solver="subspace", base=base, delta=wt - w0.float())
@@ -176,7 +176,7 @@ def test_update_range_in_the_start_block_finds_a_direction_the_base_hides():
 def _llama_with_planted_q(tmp_path=None):
     """Tiny Llama pair: layer 1's q is a designed matrix; the fine-tune adds the planted direction."""
     base = tiny.llama(seed=0)
-    w0, wt, u, s = planted(32, 32)
+    w0, wt, *_ = planted(32, 32)
     with torch.no_grad():
         base.model.layers[1].self_attn.q_proj.weight.copy_(w0.float())
     ft = copy.deepcopy(base)
@@ -363,9 +363,10 @@ def test_tradeoff_end_points_are_the_models_themselves(tmp_path):
 
 
 def test_figures_show_the_report(zoo_like, tmp_path):
-    from interp.plots import intruders as plots
-    from interp.analysis.intruders_mitigation import IntruderTradeoff
     import pandas as pd
+
+    from interp.analysis.intruders_mitigation import IntruderTradeoff
+    from interp.plots import intruders as plots
 
     report = intruder_dimensions(_pairs(zoo_like), k=5, cache=False, progress=False,
                                  keep_full=["blocks.0.attn.q"])

@@ -1,4 +1,9 @@
-"""Every notebook under notebooks/ runs top to bottom (executed, not just parsed)."""
+"""Every notebook under notebooks/ runs top to bottom (executed, not just parsed).
+
+Marked ``notebook``: they need the built zoo (minutes to build from nothing),
+so ``make notebooks`` runs them and ``make test`` deselects them until the zoo
+recipe is final (issue 3).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes(path, zoo_ready, tmp_path):
     notebook = nbformat.read(path, as_version=4)

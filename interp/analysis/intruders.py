@@ -25,8 +25,8 @@ The scan is exact and fast:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -381,14 +381,25 @@ def intruder_dimensions(
             "iterations": scan.top.iterations, "max_error": float(scan.top.error.max()),
             "seconds": scan.seconds,
         })
+    pair_order = {p.label: i for i, p in enumerate(pairs)}
+    name_order = {n: i for i, n in enumerate(names)}
+
+    def in_input_order(records: list[dict], extra: tuple[str, ...] = ()) -> pd.DataFrame:
+        frame = pd.DataFrame(records)
+        order = frame.assign(_p=frame["pair"].map(pair_order), _m=frame["matrix"].map(name_order))
+        order = order.sort_values(["_p", "_m", *extra], kind="stable")
+        return order.drop(columns=["_p", "_m"]).reset_index(drop=True)
+
+    similarity = dict(sorted(similarity.items(), key=lambda item: (
+        pair_order[item[0].split(_KEY_SEP, 1)[0]], name_order[item[0].split(_KEY_SEP, 1)[1]])))
     options = {
         "k": int(k), "eps": float(eps), "modules": None if modules is None else list(modules),
         "matrices": None if matrices is None else list(names), "dtype": str(dtype),
         "solver": solver, "buffer": buffer, "tol": tol, "keep_full": sorted(keep_full),
     }
     return IntruderReport(
-        table=pd.DataFrame(rows), options=options, similarity=similarity,
-        full_similarity=full_similarity, solver=pd.DataFrame(diagnostics),
+        table=in_input_order(rows, ("j",)), options=options, similarity=similarity,
+        full_similarity=full_similarity, solver=in_input_order(diagnostics),
         pairs=pair_provenance(pairs),
     )
 

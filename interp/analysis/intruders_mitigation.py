@@ -11,16 +11,16 @@ model back toward the pretraining distribution at little task cost.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.analysis.intruders import iter_scans, _check_options, _scan_names
+from interp.analysis.intruders import _check_options, _scan_names, iter_scans
 from interp.errors import TaskError
 from interp.pairs import ModelPair
 from interp.pairs.weights import MatrixRule, matrix_specs

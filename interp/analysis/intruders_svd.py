@@ -104,7 +104,7 @@ def base_svd(w0: Tensor, *, cache: bool = True, digest: str | None = None) -> Ba
         try:
             stored = load_file(str(path))
             return BaseSVD(stored["U"], stored["S"], digest)
-        except Exception:  # a damaged entry is recomputed and rewritten
+        except Exception:  # noqa: BLE001 — any damaged entry is recomputed and rewritten
             path.unlink(missing_ok=True)
     U, S, _ = torch.linalg.svd(w0, full_matrices=False)
     if cache:

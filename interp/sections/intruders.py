@@ -121,8 +121,8 @@ def findings(report, tradeoff) -> str:
     modules = modules[[m for m in MODULE_ORDER if m in modules.columns]]
     text = [
         "## Intruder dimensions (methods.md §1)",
-        f"Top k = {report.k} left singular vectors of every q/k/v/o/gate/up/down matrix; an "
-        f"intruder has max |cos| < ε = {report.eps:g} with every base left singular vector.",
+        (f"Top k = {report.k} left singular vectors of every q/k/v/o/gate/up/down matrix; an "
+         f"intruder has max |cos| < ε = {report.eps:g} with every base left singular vector."),
         "",
         summary[["pair", "n_matrices", "n_intruders", "matrices_with_intruders",
                  "lowest_top1_max_sim"]].to_markdown(index=False, floatfmt=".3g"),
@@ -140,10 +140,10 @@ def findings(report, tradeoff) -> str:
         ref = tradeoff.reference
         text += [
             "",
-            f"Scaling the intruders of **{tradeoff.options['pair']}** by λ "
-            f"({int(t['n_intruders_scaled'].iloc[0])} directions; base: pretraining loss "
-            f"{ref['base_pretrain_loss']:.4f}, {tradeoff.options['task']} accuracy "
-            f"{ref['base_task_accuracy']:.3f}):",
+            (f"Scaling the intruders of **{tradeoff.options['pair']}** by λ "
+             f"({int(t['n_intruders_scaled'].iloc[0])} directions; base: pretraining loss "
+             f"{ref['base_pretrain_loss']:.4f}, {tradeoff.options['task']} accuracy "
+             f"{ref['base_task_accuracy']:.3f}):"),
             "",
             t[["lam", "pretrain_loss", "task_accuracy"]].to_markdown(index=False, floatfmt=".4f"),
         ]
@@ -163,24 +163,27 @@ def section(ctx) -> list:
         ("intruders_similarity", plots.intruder_similarity_figure(report, matrix),
          plots.intruder_similarity_plotly(report, matrix),
          f"Intruder similarity heat map ({matrix})",
-         f"|Utᵀ U0| for {matrix}: each row a fine-tuned left singular vector, each column a base "
-         "one. A bright cell per row means the direction existed before; a dark row is an "
-         "intruder (red marker)."),
+         (f"|Utᵀ U0| for {matrix}: each row a fine-tuned left singular vector, each column a "
+          "base one. A bright cell per row means the direction existed before; a dark row is "
+          "an intruder (red marker).")),
         ("intruders_eps", plots.intruder_eps_figure(report), plots.intruder_eps_plotly(report),
-         "Intruder count vs ε", "Model-level intruder count among the top-10 vectors of every "
-         "matrix as the cosine threshold ε varies, per fine-tune."),
+         "Intruder count vs ε",
+         ("Model-level intruder count among the top-10 vectors of every matrix as the cosine "
+          "threshold ε varies, per fine-tune.")),
         ("intruders_layers", plots.intruder_layers_figure(report),
          plots.intruder_layers_plotly(report), "Where the intruders are",
          "Intruders per layer and module at ε = 0.5, per fine-tune."),
         ("intruders_rank", plots.intruder_rank_figure(report), plots.intruder_rank_plotly(report),
-         "Intruders vs LoRA rank", "Model-level count against LoRA rank (LoRA, rsLoRA); full "
-         "fine-tuning as a dashed line."),
+         "Intruders vs LoRA rank",
+         ("Model-level count against LoRA rank (LoRA, rsLoRA); full fine-tuning as a dashed "
+          "line.")),
     ]
     if tradeoff is not None:
+        caption = ("Held-out pretraining loss and task accuracy as the intruder directions of "
+                   f"{tradeoff.options['pair']} are scaled by λ (1 = fine-tuned, 0 = removed).")
         made.append(("intruders_tradeoff", plots.intruder_tradeoff_figure(tradeoff),
                      plots.intruder_tradeoff_plotly(tradeoff), "Scaling intruders: the λ trade-off",
-                     "Held-out pretraining loss and task accuracy as the intruder directions of "
-                     f"{tradeoff.options['pair']} are scaled by λ (1 = fine-tuned, 0 = removed)."))
+                     caption))
     figures = []
     for stem, figure, interactive, title, caption in made:
         save_matplotlib(figure, ctx.path(stem))
