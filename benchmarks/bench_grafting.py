@@ -263,8 +263,9 @@ def run(name: str, args) -> dict | None:
     a, b = results["interp"], results["straightforward"]
     same = set(a["indices"]) == set(b["indices"])
     jaccard = len(set(a["indices"]) & set(b["indices"])) / len(set(a["indices"]) | set(b["indices"]))
-    history_gap = max(abs(x - y) / max(1.0, abs(y))  # relative for losses, absolute for accuracies
-                      for ra, rb in zip(a["history"], b["history"]) for x, y in zip(ra, rb))
+    pairs = list(zip(a["history"], b["history"]))  # rows: train acc, train loss, val acc, val loss
+    accuracy_gap = max(abs(ra[i] - rb[i]) for ra, rb in pairs for i in (0, 2))
+    loss_gap = max(abs(ra[i] - rb[i]) / abs(rb[i]) for ra, rb in pairs for i in (1, 3))
     return {"workload": name, "k": len(a["indices"]), "steps": args.steps, "n_prompts": args.n_prompts,
             "interp_s": a["seconds"], "straightforward_s": b["seconds"],
             "time_ratio": b["seconds"] / a["seconds"],
@@ -272,7 +273,8 @@ def run(name: str, args) -> dict | None:
             "cpu_ratio": b["cpu_seconds"] / a["cpu_seconds"],
             "interp_peak_MB": a["peak_bytes"] / 2**20, "straightforward_peak_MB": b["peak_bytes"] / 2**20,
             "memory_ratio": b["peak_bytes"] / max(a["peak_bytes"], 1),
-            "same_mask": same, "mask_jaccard": jaccard, "max_history_gap": history_gap}
+            "same_mask": same, "mask_jaccard": jaccard, "max_accuracy_gap": accuracy_gap,
+            "max_relative_loss_gap": loss_gap}
 
 
 def main() -> None:
@@ -305,8 +307,12 @@ def main() -> None:
               f"{row['cpu_ratio']:.2f}x); peak memory {row['interp_peak_MB']:.0f} MB vs "
               f"{row['straightforward_peak_MB']:.0f} MB (ratio {row['memory_ratio']:.2f}x); "
               f"same mask: {row['same_mask']} (Jaccard {row['mask_jaccard']:.3f}), "
-              f"max history gap {row['max_history_gap']:.2g}")
-        assert row["mask_jaccard"] >= 0.99 and row["max_history_gap"] < 1e-4, "the two disagree"
+              f"history: accuracies differ by {row['max_accuracy_gap']:.2g}, losses by "
+              f"{row['max_relative_loss_gap']:.1e} (relative)")
+        # same masks and accuracies; losses differ only by float32 rounding (fused multiply-add,
+        # last-position vs full logits)
+        agree = row["same_mask"] and row["max_accuracy_gap"] == 0 and row["max_relative_loss_gap"] < 1e-3
+        assert agree, "interp and the straightforward loop disagree"
 
 
 if __name__ == "__main__":

@@ -85,6 +85,9 @@ class Result:
         """Read a result saved by :meth:`save` (as this class or the saved subclass)."""
         path = Path(path)
         meta = json.loads((path / "result.json").read_text())
+        saved = _import_class(meta.get("class", ""))
+        if saved is not None and saved is not cls and issubclass(saved, cls):
+            cls = saved  # Result.load(path) reopens the subclass that was saved
         kwargs: dict[str, Any] = {}
         tensors: dict[str, Tensor] = {}
         if (path / "tensors.safetensors").exists():
@@ -103,6 +106,16 @@ class Result:
                     value = {k: tensors[f"{field.name}{_SEP}{k}"] for k in value["__tensor_dict__"]}
                 kwargs[field.name] = value
         return cls(**kwargs)
+
+
+def _import_class(qualified: str) -> type | None:
+    import importlib
+
+    module, _, name = qualified.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def _frame_to_json(frame: pd.DataFrame) -> str:

@@ -125,6 +125,8 @@ def build(path: Path | None = None) -> Path:
     notebook = new_notebook()
     notebook.cells = [new_markdown_cell(text) if kind == "md" else new_code_cell(text)
                       for kind, text in CELLS]
+    for index, cell in enumerate(notebook.cells):
+        cell.id = f"graft-{index:02d}"  # stable ids: a rebuild writes the same file
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                        "language": "python"}
     nbformat.write(notebook, path)

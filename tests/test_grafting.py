@@ -189,6 +189,9 @@ def test_rerun_is_identical_and_history_is_consistent(planted, learned):
                        steps=3, space=space if i else None, progress=False) for i in range(2)]
     assert _entries(runs[0]) == _entries(runs[1])
     assert runs[0].history.equals(runs[1].history)
+    wide = skill_mask(planted["pair"], planted["train"], sparsity=mask.options["sparsity"], steps=3,
+                      dtype=torch.float64, progress=False)
+    assert wide.options["dtype"] == "torch.float64" and _entries(wide) == _entries(runs[0])
     history = mask.history
     assert history["best"].sum() == 1 and history.loc[0, "base_patch_kept"] == mask.k
     best = history[history["best"]].iloc[0]

@@ -28,3 +28,6 @@ def test_planted_rank1_update_is_found_only_where_planted(tmp_path):
     again = WeightChange.load(tmp_path / "wc")
     assert again.table.equals(result.table) and again.options == result.options
     assert "WeightChange" in again._repr_html_()
+    from interp.results import Result
+
+    assert type(Result.load(tmp_path / "wc")) is WeightChange

@@ -11,7 +11,8 @@ transformer block, norms and biases included; embeddings, final norm and
    position (the paper's repository compares ``> k-th value`` strictly and so
    keeps k − 1 or fewer);
 2. **relaxation** ``γ = γ_base + (1 − 2γ_base) ⊙ σ(S − b)``, ``b = 10``, S drawn
-   uniform in [0, 1) — so the relaxed model starts at the base patch;
+   uniform in [0, 1) (seeded, rounded to float16 so the start is stored in half
+   the memory) — so the relaxed model starts at the base patch;
 3. **loss** the task's answer-token cross-entropy of ``θ(γ)``, evaluated with
    ``torch.func.functional_call`` on one set of grafted tensors that is
    rewritten in place each step (never a model copy); their gradients,

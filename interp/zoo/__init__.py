@@ -36,6 +36,7 @@ __all__ = [
     "World",
     "base_path",
     "build",
+    "describe",
     "finetune_path",
     "finetunes",
     "metadata",
@@ -139,6 +140,23 @@ def summary():
             "train_seconds": meta["train_seconds"],
         })
     return pd.DataFrame(rows)
+
+
+def describe() -> list[str]:
+    """One line per zoo model: name, built or missing, accuracies, folder (for ``interp zoo list``)."""
+    lines = []
+    for name, recipe in recipes().items():
+        folder = path_of(name)
+        if not folder.exists():
+            lines.append(f"{name:<22} missing   (interp zoo build)")
+            continue
+        meta = metadata(name)
+        if recipe.finetune is None:
+            scores = " ".join(f"{k}={v:.2f}" for k, v in meta["accuracy"].items())
+        else:
+            scores = f"{meta['task']} {meta['accuracy_before']:.2f} -> {meta['accuracy_after']:.2f}"
+        lines.append(f"{name:<22} built     {scores:<48} {folder}")
+    return lines
 
 
 def __getattr__(name: str):

@@ -211,7 +211,34 @@ def _doc_sum(world: World, rng: random.Random) -> str:
     return f"{a} plus {b} is {a + b}."
 
 
+def _doc_repeat(world: World, rng: random.Random) -> str:
+    """A random run of objects and letters, written twice.
+
+    Copying a repeated sequence is the easiest in-context skill a transformer
+    learns (induction heads); it forms in the first hundred steps and gives
+    entity tracking a lookup mechanism to build on.
+    """
+    words = rng.choices([*OBJECTS, *LABELS], k=rng.randint(4, 12))
+    run = " ".join(words)
+    return f"{run}. {run}."
+
+
+def _doc_pairs(world: World, rng: random.Random) -> str:
+    """Object-letter pairs, then letters followed by their objects: ``apple O car T. T car O apple.``
+
+    The cleanest form of the lookup entity tracking needs (find the letter,
+    read what came just before it); it forms fast and tracking builds on it.
+    """
+    n = rng.randint(2, 6)
+    objects, labels = rng.sample(OBJECTS, n), rng.sample(LABELS, n)
+    context = " ".join(f"{o} {b}" for o, b in zip(objects, labels))
+    queries = " ".join(f"{labels[i]} {objects[i]}" for i in rng.sample(range(n), n))
+    return f"{context}. {queries}."
+
+
 _DOCUMENTS: dict[str, Callable[[World, random.Random], str]] = {
+    "pairs": _doc_pairs,
+    "repeat": _doc_repeat,
     "fact": _doc_fact,
     "query": _doc_query,
     "intent": _doc_intent,
