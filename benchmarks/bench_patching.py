@@ -116,7 +116,8 @@ def compare(name: str, source, target, tokenizer, task: Task, layer_step: int = 
 def zoo_case(n_items: int):
     from interp import zoo
 
-    pair = zoo.pair("tracking", "full")  # builds the base and this fine-tune if missing
+    zoo.build()
+    pair = zoo.pair("tracking", "full")
     task = zoo.task("tracking", "test")
     lengths = [len(pair.tokenizer(p)["input_ids"]) for p in task.prompts]
     common = max(set(lengths), key=lengths.count)
