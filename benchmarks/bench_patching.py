@@ -116,8 +116,7 @@ def compare(name: str, source, target, tokenizer, task: Task, layer_step: int = 
 def zoo_case(n_items: int):
     from interp import zoo
 
-    zoo.build()
-    pair = zoo.pair("tracking", "full")
+    pair = zoo.pair("tracking", "full")  # builds the base and this fine-tune if missing
     task = zoo.task("tracking", "test")
     lengths = [len(pair.tokenizer(p)["input_ids"]) for p in task.prompts]
     common = max(set(lengths), key=lengths.count)

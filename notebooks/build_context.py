@@ -32,7 +32,7 @@ from interp import zoo
 from interp.figures import zoo_pairs
 from interp.analysis.context import ContextKnob, context_knob
 from interp.analysis.context_task import bare_task, intent_task, pair_acc
-from interp.sections.context import compute, findings_markdown
+from interp.sections.context import QUICK, compute, findings_markdown
 from interp.plots import context as plots
 
 pairs = zoo_pairs("intent")          # label -> ModelPair (built once, cached)
@@ -56,11 +56,13 @@ scores.update({label: pair_acc(pair, test).value for label, pair in pairs.items(
 scores   # PairAcc with instructions, test split"""),
     ("md", """## 2–5 · Layer search, knob, steering, transfer
 
-`compute` runs the whole analysis of the gallery section once and caches it under a content
-key (pairs + options + source): the knob is found in the fine-tune with the best instructed
-PairAcc on the train split, at the layer the layer search suggests."""),
-    ("code", """results = compute(pairs)
-results["home"], results["layer"]"""),
+`compute` runs the analysis of the gallery section (`make figures`) and caches it under a
+content key (pairs + options + source). Here with `QUICK` sizes (fewer items, so the notebook
+stays fast); the gallery's `figures/findings.md` has the full-size numbers. The knob is found
+in the fine-tune with the best instructed PairAcc on the train split, at the layer the layer
+search suggests."""),
+    ("code", """results = compute(pairs, options=QUICK)
+results["home"], results["layer"], results["seconds"]"""),
     ("md", """### Layer search
 
 Attention outputs at the last token are patched from a source prompt into a target prompt:
@@ -86,6 +88,12 @@ flipped answers. A rank-1 knob shows as `k = 1` already flipping most answers.""
     ("code", """profile = results["profile"]
 plots.subspace_profile_figure(profile);"""),
     ("code", """profile.table.pivot(index="k", columns="layer", values="interchange_acc")"""),
+    ("md", """And the most any rank-1 last-token edit could do: a direction and two values trained
+*directly* to steer instruction-free prompts (not the paper's method — an upper reference for
+it). Where this is high but DAS finds nothing, a steering direction exists that the instructed
+prompts do not reveal (e.g. at `blocks.0.hook_resid_pre`, where both intents' last token is
+the same word)."""),
+    ("code", """results["bound"].table"""),
     ("md", """### Steering one bare prompt
 
 No instruction at all; the knob coordinate at the last token is set to the calibrated value

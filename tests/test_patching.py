@@ -354,3 +354,17 @@ def test_result_saves_loads_and_shows_itself(tok, tmp_path):
     assert torch.equal(again.per_item["logit_diff"], result.per_item["logit_diff"])
     assert again.tokens == result.tokens and again.source_label == result.source_label
     assert "PatchResult" in again._repr_html_() and "source run" in again._repr_html_()
+
+
+def test_zoo_lora_pair_batched_equals_reference(zoo_ready):
+    """On a real zoo pair (LoRA merged, word tokenizer with <bos>, prompts of several lengths)."""
+    from interp import zoo
+
+    pair = zoo.pair("tracking", "lora", 8)
+    task = zoo.task("tracking", "test", n=40).subset(range(6))
+    sites = ["attn_out", "mlp_out", "z", Site("resid_pre", 2, None, -3), Site("z", 3, 1, -1)]
+    fast = patch(pair, task, sites=sites, engine="fast", progress=False)
+    slow = patch(pair, task, sites=sites, engine="reference", progress=False)
+    for metric in ("logit_diff", "prob"):
+        assert (fast.per_item[metric] - slow.per_item[metric]).abs().max() < TOL
+    assert fast.baseline()["source_accuracy"] == slow.baseline()["source_accuracy"]

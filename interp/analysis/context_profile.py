@@ -1,10 +1,13 @@
-"""Is the intent one-dimensional at a site? Interchange top-k principal subspaces of the intent difference.
+"""Diagnostics next to the knob: is the intent one-dimensional, and could any rank-1 edit steer?
 
-A diagnostic next to the knob: DAS looks for one direction; this profile says
-how many directions the two intents' difference needs at the same site before
-swapping them flips the answer. Where ``k = 1`` already flips most answers a
-rank-1 knob exists; where it takes ``k ≫ 1`` the intent is carried by
-item-specific content (e.g. the retrieved answer itself), not one coordinate.
+``intent_subspace_profile``: DAS looks for one direction; the profile says how
+many directions the two intents' difference needs at a site before swapping
+them flips the answer. Where ``k = 1`` already flips most answers a rank-1 knob
+exists; where it takes ``k ≫ 1`` the intent is carried by item-specific content
+(e.g. the retrieved answer itself), not by one coordinate.
+
+``steering_bound``: a direction and two values trained *directly* to steer
+bare prompts — the most any rank-1 last-token knob could do at that layer.
 """
 
 from __future__ import annotations
@@ -83,3 +86,94 @@ def intent_subspace_profile(model, task: Task, layers: int | Sequence[int] | Non
                            options={"task": task.name, "layers": layers, "ks": list(ks),
                                     "n_items": len(data),
                                     "site": "blocks.{layer}.hook_resid_pre, last token"})
+
+
+def _setter(u: torch.Tensor, c: float):
+    """The steering edit ``h ← (I − uuᵀ)h + c·u`` on rows of ``[batch, d_model]``."""
+    return lambda h: h - (h @ u)[:, None] * u + c * u
+
+
+@dataclasses.dataclass(frozen=True)
+class SteeringBound(Result):
+    """One row per layer: steered PairAcc of a rank-1 edit trained *directly* to steer bare prompts.
+
+    ``directions[str(layer)]`` holds each layer's trained unit vector ``[d_model]``.
+    """
+
+    directions: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    summary_columns = ("layer", "pair_acc", "ctx_accuracy", "prior_accuracy", "c_ctx", "c_prior")
+
+
+def steering_bound(model, bare: Task, layers: int | Sequence[int] | None = None, *,
+                   eval_task: Task | None = None, tokenizer=None, side: str = "finetuned",
+                   epochs: int = 4, batch_size: int = 16, lr: float = 3e-2, seed: int = 0,
+                   progress: bool = True) -> SteeringBound:
+    """How far could *any* rank-1 last-token edit steer this model without instructions?
+
+    Trains ``u`` and two values ``c_ctx``, ``c_prior`` so that ``h ← (I − uuᵀ)h + c·u``
+    at ``blocks.{layer}.hook_resid_pre`` (last token) makes the bare prompts of
+    ``bare`` answer from the context (``c_ctx``) and from memory (``c_prior``):
+    cross-entropy on both, Adam. Steered PairAcc is measured on ``eval_task``
+    (default ``bare``; pass a held-out split). Not the paper's method — an upper
+    reference for it: a knob found by DAS from instructed prompts cannot steer
+    better than a direction trained for steering itself.
+    """
+    from tqdm.auto import tqdm
+
+    from interp.analysis.context_hooks import d_model, n_layers
+    from interp.analysis.context_task import prepare_bare
+
+    model, tokenizer = resolve_model(model, tokenizer, side)
+    layers = list(range(n_layers(model))) if layers is None else (
+        [layers] if isinstance(layers, int) else list(layers))
+    for layer in layers:
+        check_layer(model, layer)
+    train = prepare_bare(bare, tokenizer)
+    test = train if eval_task is None else prepare_bare(eval_task, tokenizer)
+    grads = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    rows, directions = [], {}
+    try:
+        for layer in tqdm(layers, desc="steering bound", disable=not progress):
+            runner = _Targets(model, tokenizer, train.prompts, layer, fast=True)
+            generator = torch.Generator().manual_seed(seed)
+            weight = torch.nn.Parameter(torch.randn(d_model(model), generator=generator,
+                                                    dtype=torch.float64).float())
+            scale = float(runner.site.norm(dim=-1).mean())
+            values = torch.nn.Parameter(torch.tensor([scale, -scale]))
+            optimizer = torch.optim.Adam([weight, values], lr=lr)
+            with torch.enable_grad():
+                for _ in range(epochs):
+                    order = torch.randperm(len(train), generator=generator)
+                    for begin in range(0, len(train), batch_size):
+                        index = order[begin:begin + batch_size]
+                        u = weight / weight.norm()
+                        loss = 0.0
+                        for c, labels in ((values[0], train.ctx_ids), (values[1], train.prior_ids)):
+                            logits = runner(index, lambda h, c=c, u=u: h - (h @ u)[:, None] * u
+                                            + c * u)
+                            loss = loss + torch.nn.functional.cross_entropy(logits, labels[index])
+                        optimizer.zero_grad()
+                        loss.backward()
+                        optimizer.step()
+            u = (weight / weight.norm()).detach()
+            c_ctx, c_prior = (float(v) for v in values.detach())
+            evaluate = runner if test is train else _Targets(model, tokenizer, test.prompts,
+                                                             layer, fast=True)
+            with torch.no_grad():
+                everything = torch.arange(len(test))
+                ctx_ok = evaluate(everything, _setter(u, c_ctx)).argmax(-1) == test.ctx_ids
+                prior_ok = evaluate(everything, _setter(u, c_prior)).argmax(-1) == test.prior_ids
+            rows.append({"layer": layer, "pair_acc": float((ctx_ok & prior_ok).float().mean()),
+                         "ctx_accuracy": float(ctx_ok.float().mean()),
+                         "prior_accuracy": float(prior_ok.float().mean()),
+                         "c_ctx": c_ctx, "c_prior": c_prior})
+            directions[str(layer)] = u
+    finally:
+        for parameter, flag in zip(model.parameters(), grads):
+            parameter.requires_grad_(flag)
+    return SteeringBound(table=pd.DataFrame(rows), directions=directions,
+                         options={"task": bare.name, "eval_task": (eval_task or bare).name,
+                                  "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                  "seed": seed, "site": "blocks.{layer}.hook_resid_pre, last token"})

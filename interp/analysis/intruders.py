@@ -40,6 +40,7 @@ from interp.analysis.intruders_svd import (
     TopSingular,
     base_svd,
     full_top,
+    gram_top_batch,
     matrix_digest,
     svd_noise,
     top_singular,
@@ -200,10 +201,12 @@ def scan_matrix(
     extra_rank: int | None = None,
     buffer: int = 10,
     tol: float | None = None,
+    top: TopSingular | None = None,
 ) -> MatrixScan:
     """Run the intruder test on one base/fine-tuned matrix pair ``[d_out, d_in]``.
 
-    ``base`` is the base's SVD when already known (shared across fine-tunes).
+    ``base`` is the base's SVD when already known (shared across fine-tunes);
+    ``top`` the fine-tuned top-k when already computed (a batched solve).
     Flags within the error of ``ε`` are settled by the dense thin SVD, so the
     result's flags equal the reference computation's.
     """
@@ -214,9 +217,10 @@ def scan_matrix(
         )
     start = time.perf_counter()
     base = base if base is not None else base_svd(w0, cache=False)
-    delta = wt - w0 if solver == "subspace" else None
-    top = top_singular(wt, k, solver=solver, base=base, delta=delta, buffer=buffer,
-                       extra_rank=extra_rank, tol=tol)
+    if top is None:
+        delta = wt - w0 if solver == "subspace" else None
+        top = top_singular(wt, k, solver=solver, base=base, delta=delta, buffer=buffer,
+                           extra_rank=extra_rank, tol=tol)
     similarity, max_sim, matched = _match(top.U, base.U)
     tie = False
     if top.method != "full":
@@ -298,11 +302,16 @@ def iter_scans(
             w0 = members[0].base_matrix(name, dtype)
             digest = matrix_digest(w0) if cache else None
             base = base_svd(w0, cache=cache, digest=digest)
-            for pair in members:
-                wt = pair.finetuned_matrix(name, dtype)
-                factors = pair.lora_factors(name)
-                extra_rank = factors.rank if factors is not None else None
-                scan = scan_matrix(w0, wt, k, eps, base=base, solver=solver,
+            wts = [pair.finetuned_matrix(name, dtype) for pair in members]
+            tops: list[TopSingular | None] = [None] * len(members)
+            if solver in ("auto", "gram"):  # one batched eigensolve for all fine-tunes
+                tops = gram_top_batch(torch.stack(wts), k)
+            for pair, wt, top in zip(members, wts, tops):
+                extra_rank = None
+                if solver == "subspace":
+                    factors = pair.lora_factors(name)
+                    extra_rank = factors.rank if factors is not None else None
+                scan = scan_matrix(w0, wt, k, eps, base=base, solver=solver, top=top,
                                    extra_rank=extra_rank, buffer=buffer, tol=tol)
                 yield name, pair, w0, wt, base, scan
 

@@ -179,28 +179,43 @@ def gram_top(w: Tensor, k: int) -> TopSingular | None:
     reports it. Returns ``None`` when a top singular value is too small for
     that (the caller takes the full SVD).
     """
-    d_out, d_in = w.shape
+    return gram_top_batch(w[None], k)[0]
+
+
+def gram_top_batch(ws: Tensor, k: int) -> list[TopSingular | None]:
+    """:func:`gram_top` for a stack of same-shaped matrices ``[b, d_out, d_in]``.
+
+    One batched product and one batched eigensolve: for the zoo's small
+    matrices the per-call overhead is a large share of the cost, and a scan
+    has one such matrix per fine-tune of the base.
+    """
+    _, d_out, d_in = ws.shape
     tall = d_out >= d_in
-    gram = w.T @ w if tall else w @ w.T  # [q, q]
-    values, vectors = torch.linalg.eigh(gram)  # ascending
-    q = values.numel()
+    grams = ws.mT @ ws if tall else ws @ ws.mT  # [b, q, q]
+    values, vectors = torch.linalg.eigh(grams)  # ascending
+    q = values.shape[-1]
     kt = min(k, q)
-    values = values[-(kt + 1):].flip(0).double().clamp_min(0)  # [k+1] (or [q]) descending
-    vectors = vectors[:, -kt:].flip(1)  # [q, k]
-    eps = torch.finfo(w.dtype).eps
-    if float(values[kt - 1]) <= 10 * q * eps * float(values[0]):
-        return None  # σ_k at the Gram's rounding level: its vector is noise
+    values = values[:, -(kt + 1):].flip(-1).double().clamp_min(0)  # [b, k+1] descending
+    vectors = vectors[:, :, -kt:].flip(-1)  # [b, q, k]
     S = values.sqrt()
-    scale = S[:kt].to(w.dtype)
+    scale = S[:, None, :kt].to(ws.dtype)
     if tall:
         V = vectors
-        U = (w @ V) / scale
+        U = (ws @ V) / scale
     else:
         U = vectors
-        V = (w.T @ U) / scale
-    # eigenvector error (gaps of σ²), plus rounding amplified by σ₁/σ_j when mapping v -> W v / σ
-    error = svd_noise(values, w.dtype, tuple(w.shape), kt) + 4 * eps * float(S[0]) / S[:kt]
-    return TopSingular(U.contiguous(), S.to(w.dtype), V.contiguous(), error, "gram", 0)
+        V = (ws.mT @ U) / scale
+    eps = torch.finfo(ws.dtype).eps
+    out: list[TopSingular | None] = []
+    for i in range(ws.shape[0]):
+        if float(values[i, kt - 1]) <= 10 * q * eps * float(values[i, 0]):
+            out.append(None)  # σ_k at the Gram's rounding level: its vector is noise
+            continue
+        # eigenvector error (gaps of σ²), plus rounding amplified by σ₁/σ_j in v -> W v / σ
+        error = svd_noise(values[i], ws.dtype, (d_out, d_in), kt) + 4 * eps * S[i, 0] / S[i, :kt]
+        out.append(TopSingular(U[i].contiguous(), S[i].to(ws.dtype), V[i].contiguous(), error,
+                               "gram", 0))
+    return out
 
 
 def _orth(x: Tensor) -> Tensor:

@@ -173,8 +173,13 @@ def _search_one(patch: _Patcher, pairing: str, threshold: float, eps: float, phi
     n = patch.n_layers
     rows, p_srcs, p_tgts = [], [], []
 
+    seen: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+
     def measure(phase: str, layers: list[int]) -> tuple[Tensor, Tensor]:
-        p_src, p_tgt = patch(layers)
+        key = tuple(layers)
+        if key not in seen:  # a set already measured (e.g. [0, U) again in step 2) costs nothing
+            seen[key] = patch(layers)
+        p_src, p_tgt = seen[key]
         rows.append({"pairing": pairing, "phase": phase, "layers": _fmt(layers),
                      "n_patched": len(layers), "p_source_max": float(p_src.max()),
                      "p_source_final": float(p_src[-1]), "p_target_final": float(p_tgt[-1]),

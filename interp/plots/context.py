@@ -63,7 +63,8 @@ def layer_search_figure(result: LayerSearch):
         ax_p.set_xlabel("search step")
         ax_p.set_ylabel("probability")
     axes[0][1].legend(fontsize=7, loc="lower right")
-    figure.suptitle("Layer search: attention outputs patched from the other intent (darker = accepted)")
+    figure.suptitle("Layer search: last-token attention outputs patched from the source prompt "
+                    "(darker = accepted; dashed: threshold)")
     return figure
 
 
@@ -110,6 +111,9 @@ def projection_violins_figure(result: KnobTransfer):
         for body in parts["bodies"]:
             body.set_facecolor(_INTENT_COLORS[intent])
             body.set_alpha(0.6)
+        for name in ("cbars", "cmins", "cmaxes", "cmedians"):
+            if name in parts:
+                parts[name].set_color(_INTENT_COLORS[intent])
         ax.plot([], [], color=_INTENT_COLORS[intent], lw=6, alpha=0.6, label=f"intent = {intent}")
     aucs = result.table.set_index("model")["auc"]
     ax.set_xticks(range(len(models)), [f"{m}\nAUC {aucs[m]:.2f}" for m in models], fontsize=8)

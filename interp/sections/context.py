@@ -12,6 +12,7 @@ content key of the pairs, the options and this analysis's source.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,10 @@ from interp.cache import atomic_dir, content_key, entry
 
 VERSION = 1
 OPTIONS = {"n_fit": 300, "n_test": 320, "n_calibration": 150, "n_points": 11,
-           "search_items": 64, "das": None}
+           "search_items": 64, "n_profile": 120, "das": None}
+#: Smaller sizes for the notebook (same analysis, fewer items; its own cache entry).
+QUICK = {"n_fit": 150, "n_test": 160, "n_calibration": 80, "n_points": 9, "search_items": 32,
+         "n_profile": 60}
 _SOURCES = ("analysis/context.py", "analysis/context_task.py", "analysis/context_hooks.py",
             "analysis/context_transfer.py", "analysis/context_profile.py",
             "analysis/layer_search.py", "sections/context.py")
@@ -48,7 +52,12 @@ def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
     """Run (or load from the cache) the layer search, knobs and transfer table for ``pairs``."""
     from interp import zoo
     from interp.analysis.context import ZOO_DAS, ContextKnob, context_knob
-    from interp.analysis.context_profile import SubspaceProfile, intent_subspace_profile
+    from interp.analysis.context_profile import (
+        SteeringBound,
+        SubspaceProfile,
+        intent_subspace_profile,
+        steering_bound,
+    )
     from interp.analysis.context_task import pair_acc
     from interp.analysis.context_transfer import KnobTransfer, knob_transfer, steering_sweep
     from interp.analysis.layer_search import PAIRINGS, LayerSearch, layer_search
@@ -65,8 +74,17 @@ def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
                     "knob": ContextKnob.load(folder / "knob"),
                     "transfer": KnobTransfer.load(folder / "transfer"),
                     "profile": SubspaceProfile.load(folder / "profile"),
+                    "bound": SteeringBound.load(folder / "bound"),
                     "methods": pd.read_json(folder / "methods.json"),
                     **json.loads((folder / "done.json").read_text())}
+
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        seconds[stage] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
 
     fit = zoo.task("intent", split="train", n=2 * options["n_fit"])
     test = zoo.task("intent", split="test", n=options["n_test"])
@@ -81,13 +99,17 @@ def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
     train_acc = {label: pair_acc(m, fit, tokenizer=tokenizer).value
                  for label, m in models.items() if label != "base"}
     home = max(train_acc, key=train_acc.get)
+    lap("load")
     search = layer_search(models[home], fit, PAIRINGS, tokenizer=tokenizer,
                           n=options["search_items"], progress=progress)
     layer = search.suggest_layer()
+    lap("layer_search")
     knob = context_knob(models[home], fit, layer=layer, tokenizer=tokenizer, progress=progress,
                         **das)
+    lap("das")
     transfer = knob_transfer(knob, models, test, bare_test, calibration=calibration,
                              tokenizer=tokenizer, n_points=options["n_points"], progress=progress)
+    lap("transfer")
     rows = []
     for method in ("das", "mean_diff", "probe"):
         other = knob if method == "das" else context_knob(models[home], fit, layer=layer,
@@ -100,19 +122,26 @@ def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
                      "interchange_acc": other.interchange(models[home], test, tokenizer=tokenizer),
                      "auc": sep.auc, "d_prime": sep.d_prime, "steered_pair_acc": sweep.pair_acc})
     methods = pd.DataFrame(rows)
+    lap("methods")
     profile = intent_subspace_profile(models[home], fit, ks=(1, 2, 4, 8, 16, 32),
-                                      tokenizer=tokenizer, n=120)
-    meta = {"home": home, "layer": layer, "train_pair_acc": train_acc, "das_settings": das}
+                                      tokenizer=tokenizer, n=options["n_profile"])
+    lap("profile")
+    bound = steering_bound(models[home], calibration, eval_task=bare_test, tokenizer=tokenizer,
+                           progress=progress)
+    lap("steering_bound")
+    meta = {"home": home, "layer": layer, "train_pair_acc": train_acc, "das_settings": das,
+            "options": options, "seconds": seconds}
     if folder is not None:
         with atomic_dir(folder) as tmp:
             search.save(tmp / "search")
             knob.save(tmp / "knob")
             transfer.save(tmp / "transfer")
             profile.save(tmp / "profile")
+            bound.save(tmp / "bound")
             methods.to_json(tmp / "methods.json")
             (tmp / "done.json").write_text(json.dumps(meta, indent=2))
     return {"search": search, "knob": knob, "transfer": transfer, "methods": methods,
-            "profile": profile, **meta}
+            "profile": profile, "bound": bound, **meta}
 
 
 def findings_markdown(results: dict[str, Any]) -> str:
@@ -138,6 +167,10 @@ def findings_markdown(results: dict[str, Any]) -> str:
         + profile.pivot(index="k", columns="layer", values="interchange_acc")
         .rename(columns=lambda layer: f"resid_pre {layer}").reset_index().astype({"k": str})
         .to_markdown(index=False, floatfmt=".3f")
+        + f"\n\nThe most any rank-1 last-token edit could steer {results['home']} without "
+        "instructions (a direction and two values trained directly to steer the calibration "
+        "split's bare prompts; PairAcc on the test split):\n\n"
+        + results["bound"].table.astype({"layer": str}).to_markdown(index=False, floatfmt=".3f")
     )
 
 
