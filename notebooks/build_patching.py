@@ -105,20 +105,26 @@ compare_maps(results, FULL)"""),
     ("code", """plots.component_figure(results)"""),
     ("md", """## CMAP in the paper's form
 
-Head groups chosen from full fine-tuning's head map: its top-3 heads, and each layer's heads.
-For each fine-tune: the accuracy of the base, of the fine-tune, and of the base with the
-fine-tune's head outputs patched into each group (head outputs `hook_z`, through the base's
-`W_O`). If LoRA's top-3 row comes close to LoRA's own accuracy, LoRA improved the same heads."""),
+Groups chosen from full fine-tuning's map: its top-3 heads, all heads, and (beyond the paper's
+head groups) every MLP output. For each fine-tune: the accuracy of the base, of the fine-tune,
+and of the base with the fine-tune's activations patched into each group (head outputs
+`hook_z`, through the base's own `W_O`). If LoRA's rows come close to LoRA's own accuracy for the
+groups chosen from full FT's map, LoRA improved the same components."""),
     ("code", """heads = results[FULL].table[results[FULL].table["kind"] == "z"]
 top = [(int(r.layer), int(r.head)) for r in heads.sort_values("recovered", ascending=False).head(3).itertuples()]
-groups = {"top 3 heads (full FT)": top}
-groups.update({f"layer {l} heads": [(l, h) for h in range(results[FULL].n_heads)]
-               for l in range(results[FULL].n_layers)})
+groups = {"top 3 heads (full FT)": top,
+          "all heads": [(int(r.layer), int(r.head)) for r in heads.itertuples()],
+          "all MLPs": [Site("mlp_out", layer) for layer in range(results[FULL].n_layers)]}
 print("top heads of full FT:", top)
 cmaps = {label: cmap(pair, task, groups=groups, progress=False) for label, pair in pairs.items()}
 cmaps[FULL]"""),
-    ("code", """pd.DataFrame({label: t.table.set_index(t.table["group"].where(t.table["group"] != "", t.table["model"]))["accuracy"]
-              for label, t in cmaps.items()})"""),
+    ("code", """rows = []
+for label, t in cmaps.items():
+    table = t.table
+    row = {"fine-tune": label, "base": table["accuracy"].iloc[0], "fine-tune acc": table["accuracy"].iloc[1]}
+    row.update(dict(zip(table["group"].iloc[2:], table["accuracy"].iloc[2:])))
+    rows.append(row)
+pd.DataFrame(rows)"""),
     ("md", """## Within one model: where does the query label travel?
 
 Classic activation patching inside the fine-tuned model: the clean run's residual stream is

@@ -32,11 +32,14 @@ from torch import Tensor
 from interp.analysis.patching import (
     METRICS,
     PatchResult,
+    Site,
     _table,
+    parse_sites,
     prepare,
     readout,
     recovered,
     run_variants,
+    site_ops,
     stored,
 )
 from interp.analysis.patching_engine import LlamaRunner, Op
@@ -300,14 +303,14 @@ def faithfulness(
 
 @dataclasses.dataclass(frozen=True)
 class CmapTable(Result):
-    """The paper's CMAP table: base, fine-tune, and base + fine-tune's heads per group.
+    """The paper's CMAP table: base, fine-tune, and base + fine-tune's activations per group.
 
-    Rows: ``target`` (unpatched), ``source`` (unpatched), then one per head
-    group and ``all groups``. ``recovered`` is of the chosen metric (accuracy
-    by default, as in the paper).
+    Rows: ``target`` (unpatched), ``source`` (unpatched), then one per group
+    and ``all groups``; ``n_sites`` counts the heads (or other sites) patched.
+    ``recovered`` is of the chosen metric (accuracy by default, as in the paper).
     """
 
-    summary_columns = ("model", "group", "n_heads", "accuracy", "logit_diff", "recovered")
+    summary_columns = ("model", "group", "n_sites", "accuracy", "logit_diff", "recovered")
 
 
 def cmap(
@@ -328,26 +331,36 @@ def cmap(
     ``groups``: name → heads, each ``(layer, head)`` (every position) or
     ``(layer, head, pos)`` (one window position, -1 = last token). Patched head
     outputs go through the target's own ``W_O``, as the paper recomputes the
-    base's output projection.
+    base's output projection. Beyond the paper, a group may also list
+    :class:`~interp.analysis.patching.Site` objects (e.g. ``Site("mlp_out", 0)``).
     """
     if not groups:
-        raise InterpError("cmap needs at least one head group")
+        raise InterpError("cmap needs at least one group of heads")
     if metric not in METRICS:
         raise InterpError(f"metric must be one of {METRICS}, not {metric!r}")
     run = prepare(source, target, task, tokenizer=tokenizer, target_tokenizer=None, direction=direction,
                   dtype=dtype, source_prompts="clean", target_prompts="clean", engine="auto")
     if run["counter"] is None and metric == "logit_diff":
         raise TaskError("the logit difference needs counterfactual answers")
-    n_layers, n_heads = run["target"].n_layers, run["target"].n_heads
-    checked = {name: _check_heads(heads, n_layers, n_heads, f"group {name!r}") for name, heads in groups.items()}
+    n_layers, n_heads, width = run["target"].n_layers, run["target"].n_heads, run["width"]
+    checked = {}
+    for name, members in groups.items():
+        sites = [m for m in members if isinstance(m, Site)]
+        heads = _check_heads([m for m in members if not isinstance(m, Site)], n_layers, n_heads,
+                             f"group {name!r}")
+        checked[name] = heads + parse_sites(sites, n_layers, n_heads, width)
     if len(checked) > 1:
         union = list(dict.fromkeys(h for heads in checked.values() for h in heads))
         checked["all groups"] = union
     names = list(checked)
-    width = run["width"]
+
+    def ops(members, length: int, n: int) -> list[Op]:
+        heads = [m for m in members if not isinstance(m, Site)]
+        sites = [op for m in members if isinstance(m, Site) for op in site_ops(m, length, width, n)]
+        return _head_ops(heads, length, width, n) + sites
 
     def variants(length: int, n: int) -> list[list[Op]]:
-        return [_head_ops(checked[name], length, width, n) for name in names]
+        return [ops(checked[name], length, n) for name in names]
 
     metrics, baselines = run_variants(
         run["source"], run["target"], run["groups"], variants, answers=run["answers"], counter=run["counter"],
@@ -359,15 +372,16 @@ def cmap(
     rows = []
     for side, label in (("target", target_label), ("source", source_label)):
         values = {m: float(baselines[f"{side}_{m}"].mean()) for m in METRICS}
-        rows.append({"model": label, "group": "", "n_heads": 0, **values,
+        rows.append({"model": label, "group": "", "n_sites": 0, **values,
                      "recovered": 0.0 if side == "target" else 1.0})
     for i, name in enumerate(names):
         values = {m: float(metrics[m][i].mean()) for m in METRICS}
-        rows.append({"model": f"{target_label} + {source_label} heads", "group": name,
-                     "n_heads": len({h[:2] for h in checked[name]}), **values,
+        rows.append({"model": f"{target_label} + {source_label}", "group": name,
+                     "n_sites": len({m if isinstance(m, Site) else m[:2] for m in checked[name]}), **values,
                      "recovered": recovered(values[metric], source_v, target_v)})
     options = {"metric": metric, "direction": direction, "task": run["task"].name,
-               "n_items": len(run["task"]), "groups": {k: [list(h) for h in v] for k, v in checked.items()},
+               "n_items": len(run["task"]),
+               "groups": {k: [m.name if isinstance(m, Site) else list(m) for m in v] for k, v in checked.items()},
                "dtype": str(dtype)}
     return CmapTable(table=pd.DataFrame(rows), options=options)
 

@@ -105,8 +105,7 @@ def _bars(ax, frame: pd.DataFrame, column: str) -> None:
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(range(len(layers)), layers)
     ax.set_xlabel("layer")
-    ax.set_ylabel(_LABELS.get(column, column))
-    ax.set_title("components (all positions)", fontsize=9)
+    ax.set_title(f"components (all positions): {_LABELS.get(column, column)}", fontsize=9)
     ax.legend(fontsize=7)
 
 
@@ -167,7 +166,7 @@ def cmap_figure(table: CmapTable | pd.DataFrame, column: str = "accuracy"):
         ax.text(i, value, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(_LABELS.get(column, column))
-    ax.set_title("CMAP: the base with the fine-tune's head outputs patched in")
+    ax.set_title("CMAP: the base with the fine-tune's activations patched in")
     return figure
 
 
@@ -263,9 +262,9 @@ def cmap_plotly(table: CmapTable | pd.DataFrame, column: str = "accuracy"):
     frame = table.table if isinstance(table, CmapTable) else table
     names = [m if not g else f"+ {g}" for m, g in zip(frame["model"], frame["group"])]
     figure = go.Figure(go.Bar(
-        x=names, y=frame[column], customdata=np.stack([frame["n_heads"], frame["recovered"]], -1),
-        hovertemplate=("%{x}<br>" + _LABELS.get(column, column) + " = %{y:.3f}<br>heads: %{customdata[0]}"
+        x=names, y=frame[column], customdata=np.stack([frame["n_sites"], frame["recovered"]], -1),
+        hovertemplate=("%{x}<br>" + _LABELS.get(column, column) + " = %{y:.3f}<br>sites: %{customdata[0]}"
                        "<br>recovered: %{customdata[1]:.3f}<extra></extra>")))
-    figure.update_layout(title="CMAP: the base with the fine-tune's head outputs patched in",
+    figure.update_layout(title="CMAP: the base with the fine-tune's activations patched in",
                          yaxis_title=_LABELS.get(column, column))
     return figure

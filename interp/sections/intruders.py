@@ -55,13 +55,11 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def _pretraining_text(pair, n: int) -> list[str]:
-    """Held-out pretraining documents of the zoo world the pair's base was trained on."""
-    from interp.zoo.world import World
+def _pretraining_text(n: int) -> list[str]:
+    """Held-out documents of the zoo base's pretraining mixture (the gallery's pairs are the zoo's)."""
+    from interp import zoo
 
-    config = pair.base.metadata.get("config", {})
-    world = World(seed=config.get("world_seed", 0), n_entities=config.get("n_entities", 120))
-    return world.pretraining_text(n)
+    return zoo.pretraining_text(n)
 
 
 def _tradeoff_pair(report, pairs: dict[str, Any]):
@@ -99,7 +97,7 @@ def compute(ctx) -> tuple[Any, Any]:
         from interp import zoo
 
         task = zoo.task(target.task, "test", n=N_TASK)
-        tradeoff = intruder_tradeoff(target, task, _pretraining_text(target, N_TEXTS), LAMS,
+        tradeoff = intruder_tradeoff(target, task, _pretraining_text(N_TEXTS), LAMS,
                                      k=K, eps=EPS, progress=ctx.progress)
     report.save(folder / "report")
     if tradeoff is not None:

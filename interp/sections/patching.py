@@ -8,7 +8,7 @@ answers the paper's question for the zoo: which components carry the
 improvement, and does LoRA's improvement live where full FT's does
 (correlation of the recovered-fraction maps, and a CMAP table: the base with
 each fine-tune's head outputs patched into head groups chosen from full FT's
-map). Results are cached under a content key (weights, task, options, code).
+map, plus every MLP output as a group of its own). Results are cached under a content key (weights, task, options, code).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from interp.cache import atomic_dir, content_key, entry, file_digest
 
-VERSION = 1
+VERSION = 2
 TASK = "tracking"
 N_BOXES = 3
 N_ITEMS = 96
@@ -68,22 +68,29 @@ def tracking_task(n_items: int = N_ITEMS, n_boxes: int = N_BOXES):
     return task.subset(keep)
 
 
-def head_groups(full_result, k: int = TOP_HEADS) -> dict[str, list[tuple[int, int]]]:
-    """CMAP groups from full FT's head map: its top-k heads, and each layer's heads."""
+def head_groups(full_result, k: int = TOP_HEADS) -> dict[str, list]:
+    """CMAP groups from full FT's map: its top-k heads, every head, every MLP (beyond the paper)."""
+    from interp.analysis.patching import Site
+
     heads = full_result.table[full_result.table["kind"] == "z"]
     top = heads.sort_values("recovered", ascending=False).head(k)
-    groups = {f"top {k} heads (full FT)": [(int(r.layer), int(r.head)) for r in top.itertuples()]}
-    for layer in sorted(set(heads["layer"])):
-        groups[f"layer {layer} heads"] = [(int(layer), h) for h in range(full_result.n_heads)]
-    return groups
+    return {
+        f"top {k} heads (full FT)": [(int(r.layer), int(r.head)) for r in top.itertuples()],
+        "all heads": [(int(r.layer), int(r.head)) for r in heads.itertuples()],
+        "all MLPs": [Site("mlp_out", layer) for layer in range(full_result.n_layers)],
+    }
 
 
-def compute(ctx) -> dict[str, Any]:
-    """Patch results and CMAP tables per tracking fine-tune, cached by content."""
+def compute(ctx, pairs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Patch results and CMAP tables per tracking fine-tune, cached by content.
+
+    ``pairs`` (label -> pair, one of them full FT) replaces the zoo's tracking
+    fine-tunes, e.g. to rerun the section on checkpoints of an older zoo build.
+    """
     from interp.analysis.circuits import CmapTable, cmap, compare_maps
     from interp.analysis.patching import PatchResult, patch
 
-    pairs = tracking_pairs()
+    pairs = tracking_pairs() if pairs is None else dict(pairs)
     task = tracking_task()
     key = content_key("section.patching", VERSION, N_BOXES, N_ITEMS, SITES, TOP_HEADS, task.prompts,
                       [_pair_identity(p) for p in pairs.values()], _source_digest())
@@ -147,21 +154,22 @@ def findings(data: dict[str, Any]) -> str:
         "",
         data["similarity"].to_markdown(index=False, floatfmt=".3f"),
         "",
-        ("CMAP (accuracy of the base with the fine-tune's head outputs, through the base's W_O, "
-        "patched into each group; groups from full FT's head map):"),
+        ("CMAP (accuracy of the base with the fine-tune's activations patched into each group — head "
+         "outputs through the base's W_O; groups from full FT's map; 'all MLPs' goes beyond the "
+         "paper's head groups):"),
         "",
         pd.DataFrame(cmap_rows).to_markdown(index=False, floatfmt=".3f"),
     ]
     return "\n".join(text)
 
 
-def section(ctx) -> list:
-    """Figures and findings for the gallery."""
+def section(ctx, pairs: dict[str, Any] | None = None) -> list:
+    """Figures and findings for the gallery (``pairs``: see :func:`compute`)."""
     from interp.figures import Figure
     from interp.plots import patching as plots
     from interp.plots.style import save_matplotlib, save_plotly
 
-    data = compute(ctx)
+    data = compute(ctx, pairs)
     results, full = data["results"], data["full"]
     made = [
         ("patching_full_ft", plots.patching_figure(results[full]), plots.patching_plotly(results[full]),
@@ -180,8 +188,8 @@ def section(ctx) -> list:
          "Attention output, MLP output and the best single head per layer, for every fine-tune."),
         ("patching_cmap", plots.cmap_figure(data["cmap"][full]), plots.cmap_plotly(data["cmap"][full]),
          "CMAP table (full FT → base)",
-         ("Accuracy of the base, of the full fine-tune, and of the base with the fine-tune's head "
-         "outputs patched into each head group.")),
+         ("Accuracy of the base, of the full fine-tune, and of the base with the fine-tune's "
+          "activations patched into each group (heads chosen from its map; every MLP).")),
     ]
     figures = []
     for stem, figure, interactive, title, caption in made:

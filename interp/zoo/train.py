@@ -54,6 +54,9 @@ class BaseConfig:
     weight_decay: float = 0.01
     warmup: int = 60
     init_std: float = 0.02
+    attention_bias: bool = False
+    lookup_steps: int = 0
+    lookup_weight: float = 1.0
     seed: int = 0
     mix: tuple[tuple[str, float], ...] = tuple(PRETRAIN_MIX.items())
     tracking_boxes: tuple[int, ...] = PRETRAIN_TRACKING_BOXES
@@ -168,6 +171,48 @@ def _packed_rows(world: World, tokenizer, config: BaseConfig) -> Tensor:
     return rows
 
 
+# The heads the auxiliary attention loss points, on tracking documents, at the
+# positions entity tracking needs (methods.md §3): (layer, head) for each role.
+LOOKUP_HEADS: dict[str, tuple[int, int]] = {
+    "object": (0, 0),  # at a context label ("in Box O"): the object of its clause
+    "label": (0, 1),  # at a query's last token ("Box O contains the"): the queried label
+    "fetch": (1, 0),  # at a query's last token: the context mention of that label
+}
+
+
+def _lookup_targets(rows: Tensor, tokenizer) -> Tensor:
+    """``[rows, pos, 3]`` target key positions for the LOOKUP_HEADS roles (-1 where none)."""
+    box, inside, contains, the = tokenizer.convert_tokens_to_ids(["Box", "in", "contains", "the"])
+    bos = tokenizer.bos_token_id
+    targets = torch.full((*rows.shape, 3), -1, dtype=torch.long)
+    for r, row in enumerate(rows.tolist()):
+        mentions: dict[int, int] = {}
+        for p, token in enumerate(row):
+            if token == bos:
+                mentions = {}
+            elif p >= 4 and row[p - 1] == box and row[p - 2] == inside:
+                mentions[token] = p
+                targets[r, p, 0] = p - 4
+            elif token == the and p >= 3 and row[p - 1] == contains and row[p - 3] == box:
+                targets[r, p, 1] = p - 2
+                targets[r, p, 2] = mentions.get(row[p - 2], -1)
+    return targets
+
+
+def _lookup_loss(attentions: Sequence[Tensor], targets: Tensor) -> Tensor:
+    """Mean negative log attention that each LOOKUP_HEADS role pays to its target."""
+    losses = []
+    for column, (layer, head) in enumerate(LOOKUP_HEADS.values()):
+        where = targets[..., column] >= 0
+        if not where.any():
+            continue
+        pattern = attentions[layer][:, head]  # [batch, query, key]
+        b, q = where.nonzero(as_tuple=True)
+        picked = pattern[b, q, targets[..., column][b, q]]
+        losses.append(-(picked + 1e-6).log().mean())
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
 def new_base_model(config: BaseConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     """A freshly initialised Llama with the zoo's dimensions and SmolLM2's module names."""
     llama = LlamaConfig(
@@ -180,6 +225,7 @@ def new_base_model(config: BaseConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
         max_position_embeddings=max(128, config.seq_len),
         tie_word_embeddings=False,
         initializer_range=config.init_std,
+        attention_bias=config.attention_bias,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -199,6 +245,7 @@ def pretrain(config: BaseConfig, out_dir: str | Path, progress: bool = True,
     tokenizer = build_tokenizer(world)
     model = new_base_model(config, tokenizer)
     rows = _packed_rows(world, tokenizer, config)
+    lookup = _lookup_targets(rows[: config.lookup_steps * config.batch_size], tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98),
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup, config.steps))
@@ -209,7 +256,15 @@ def pretrain(config: BaseConfig, out_dir: str | Path, progress: bool = True,
         batch = rows[step * config.batch_size : (step + 1) * config.batch_size]
         mask = batch != tokenizer.pad_token_id
         labels = batch.masked_fill(~mask | (batch == tokenizer.bos_token_id), -100)
-        loss = model(input_ids=batch, attention_mask=mask.long(), labels=labels).loss
+        supervise = step < config.lookup_steps
+        if step in (0, config.lookup_steps):  # attention weights are only returned by "eager"
+            model.set_attn_implementation("eager" if supervise else "sdpa")
+        out = model(input_ids=batch, attention_mask=mask.long(), labels=labels,
+                    output_attentions=supervise)
+        loss = out.loss
+        if supervise:
+            window = lookup[step * config.batch_size : (step + 1) * config.batch_size]
+            loss = loss + config.lookup_weight * _lookup_loss(out.attentions, window)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
