@@ -10,10 +10,19 @@ from interp.analysis.context import ContextKnob, Separation, context_knob
 from interp.analysis.context_task import PairAcc, bare_task, intent_task, pair_acc
 from interp.analysis.context_transfer import KnobTransfer, knob_transfer, steering_sweep
 from interp.analysis.grafting import graft, skill_mask, skill_masks
-from interp.analysis.grafting_eval import GraftEvaluation, MaskOverlap, graft_evaluation, mask_overlap
+from interp.analysis.grafting_eval import (
+    GraftEvaluation,
+    MaskOverlap,
+    graft_evaluation,
+    mask_overlap,
+)
 from interp.analysis.grafting_mask import GraftMask
 from interp.analysis.intruders import IntruderReport, intruder_dimensions
-from interp.analysis.intruders_mitigation import IntruderTradeoff, intruder_tradeoff, scale_intruders
+from interp.analysis.intruders_mitigation import (
+    IntruderTradeoff,
+    intruder_tradeoff,
+    scale_intruders,
+)
 from interp.analysis.layer_search import LayerSearch, layer_search
 from interp.analysis.patching import PatchResult, patch
 from interp.analysis.weight_change import WeightChange, weight_change

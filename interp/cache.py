@@ -16,8 +16,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 _CHUNK = 1 << 20
 
@@ -38,6 +39,10 @@ def _canonical(part: Any) -> bytes:
     return json.dumps(part, sort_keys=True, default=str).encode()
 
 
+if TYPE_CHECKING:
+    import torch
+
+
 def content_key(*parts: Any, length: int = 20) -> str:
     """A short hex key from bytes, strings or JSON-able values (dict order ignored)."""
     digest = hashlib.sha256()
@@ -54,6 +59,15 @@ def file_digest(path: str | os.PathLike) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (a content key for in-memory weights)."""
+    import torch
+
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

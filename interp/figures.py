@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from interp.cache import atomic_write_text
 
@@ -42,24 +42,45 @@ class Context:
     def path(self, stem: str) -> Path:
         return self.out / stem
 
+    def save(self, stem: str, figure, interactive, title: str, caption: str) -> Figure:
+        """Write ``stem.png`` (matplotlib) and ``stem.html`` (plotly); return the gallery entry."""
+        from interp.plots.style import save_matplotlib, save_plotly
+
+        save_matplotlib(figure, self.path(stem))
+        save_plotly(interactive, self.path(stem))
+        return Figure(stem, title, caption)
+
 
 def _weight_change_section(ctx: Context) -> list[Figure]:
     from interp.analysis.weight_change import weight_change
-    from interp.plots.style import save_matplotlib, save_plotly
     from interp.plots.weight_change import weight_change_figure, weight_change_plotly
 
     result = weight_change(list(ctx.pairs.values()), progress=ctx.progress)
-    save_matplotlib(weight_change_figure(result), ctx.path("weight_change"))
-    save_plotly(weight_change_plotly(result), ctx.path("weight_change"))
     summary = result.summary()
     ctx.findings.append("## Weight change\n\n" + summary.to_markdown(index=False, floatfmt=".4g"))
-    return [Figure("weight_change", "Relative weight change per matrix",
-                   "‖ΔW‖_F / ‖W₀‖_F for every attention and MLP matrix, per fine-tune.")]
+    return [ctx.save("weight_change", weight_change_figure(result), weight_change_plotly(result),
+                     "Relative weight change per matrix",
+                     "‖ΔW‖_F / ‖W₀‖_F for every attention and MLP matrix, per fine-tune.")]
+
+
+def _section(module: str) -> Callable[[Context], list[Figure]]:
+    """The ``section`` function of ``interp.sections.<module>``, imported when it runs."""
+
+    def run(ctx: Context) -> list[Figure]:
+        import importlib
+
+        return importlib.import_module(f"interp.sections.{module}").section(ctx)
+
+    return run
 
 
 #: (name, section function); analyses append theirs.
 SECTIONS: list[tuple[str, Callable[[Context], list[Figure]]]] = [
     ("weight_change", _weight_change_section),
+    ("intruders", _section("intruders")),
+    ("grafting", _section("grafting")),
+    ("patching", _section("patching")),
+    ("context", _section("context")),
 ]
 
 
@@ -67,7 +88,6 @@ def zoo_pairs(task: str = "intent") -> dict[str, object]:
     """The zoo's LoRA r=1/8/64, rsLoRA r=64 and full-FT pairs for ``task``, built if missing."""
     from interp import zoo
 
-    zoo.build()
     variants = [("lora", 1), ("lora", 8), ("lora", 64), ("rslora", 64), ("full", None)]
     pairs = {}
     for method, rank in variants:

@@ -10,9 +10,10 @@ an intent task (extras ``intent``/``ctx_answer``/``prior_answer``/``item``).
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import pandas as pd
 import torch
@@ -81,7 +81,7 @@ class Result:
         return path
 
     @classmethod
-    def load(cls: type[R], path: str | Path) -> R:
+    def load(cls, path: str | Path) -> Self:
         """Read a result saved by :meth:`save` (as this class or the saved subclass)."""
         path = Path(path)
         meta = json.loads((path / "result.json").read_text())

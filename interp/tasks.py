@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -64,7 +65,7 @@ class Task:
         data.update(self.extras)
         return pd.DataFrame(data)
 
-    def subset(self, index: Sequence[int] | slice) -> "Task":
+    def subset(self, index: Sequence[int] | slice) -> Task:
         """The items at ``index`` (a slice or a list of positions), as a new task."""
         positions = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
 
@@ -80,7 +81,7 @@ class Task:
             extras={k: pick(v) for k, v in self.extras.items()},
         )
 
-    def split(self, fraction: float = 0.5) -> tuple["Task", "Task"]:
+    def split(self, fraction: float = 0.5) -> tuple[Task, Task]:
         """Split into (first, rest) at ``fraction`` of the items, keeping order."""
         cut = int(round(len(self) * fraction))
         if not 0 < cut < len(self):
@@ -93,7 +94,7 @@ class Task:
         atomic_write_json(path, dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Task":
+    def load(cls, path: str | Path) -> Task:
         return cls(**json.loads(Path(path).read_text()))
 
 

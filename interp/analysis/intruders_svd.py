@@ -31,7 +31,6 @@ Shapes: every matrix is ``[d_out, d_in]``; ``q = min(d_out, d_in)``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from interp.cache import content_key, entry
+from interp.cache import content_key, entry, tensor_digest
 
 #: Bump when the cached base-SVD layout or algorithm changes (old entries are then ignored).
 FORMAT_VERSION = 1
@@ -78,11 +77,7 @@ class TopSingular:
 # --------------------------------------------------------------------------- base side
 
 
-def matrix_digest(matrix: Tensor) -> str:
-    """sha256 of a matrix's dtype, shape and bytes: the base SVD's cache identity."""
-    digest = hashlib.sha256(f"{matrix.dtype}|{tuple(matrix.shape)}|".encode())
-    digest.update(matrix.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+matrix_digest = tensor_digest  # the base SVD cache is keyed by the base matrix's bytes
 
 
 def _cache_path(digest: str):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -184,7 +185,34 @@ class ModelPair:
         _check_side(side)
         return bridge(self.model(side), self.tokenizer, compatibility_mode=compatibility_mode)
 
-    def with_finetuned(self, model: torch.nn.Module, label: str, **provenance: Any) -> "ModelPair":
+    def identity(self) -> dict[str, Any]:
+        """What determines this pair's weights, for content-keyed caches of results on it.
+
+        Checkpoints in folders contribute the sha256 of their weight files; a
+        bare state-dict file its digest; an in-memory model the digests of its
+        scanned matrices. Two pairs with equal identities give equal analyses.
+        """
+        from interp.cache import content_key, file_digest, tensor_digest
+
+        identity: dict[str, Any] = {"label": self.label}
+        for side, checkpoint in (("base", self.base), ("finetuned", self.finetuned)):
+            if checkpoint is None:
+                continue
+            if checkpoint.folder is not None:
+                files = sorted(Path(checkpoint.folder).glob("*.safetensors")) or sorted(
+                    Path(checkpoint.folder).glob("*.bin"))
+                identity[side] = {f.name: file_digest(f) for f in files}
+            elif checkpoint.state_file is not None:
+                identity[side] = file_digest(checkpoint.state_file)
+            else:
+                read = self.base_matrix if side == "base" else self.finetuned_matrix
+                identity[side] = content_key(*[tensor_digest(read(n)) for n in self.matrix_names()])
+        if self.adapter is not None:
+            files = sorted(Path(self.adapter.folder).glob("adapter_*"))
+            identity["adapter"] = {f.name: file_digest(f) for f in files}
+        return identity
+
+    def with_finetuned(self, model: torch.nn.Module, label: str, **provenance: Any) -> ModelPair:
         """A new pair with the same base and ``model`` (in memory) as the fine-tuned side."""
         checkpoint = resolve_checkpoint(model, tokenizer=self.tokenizer, role="fine-tuned")
         checkpoint.metadata = {**self.provenance, **provenance, "label": label}

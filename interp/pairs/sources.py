@@ -92,7 +92,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.description} has no tokenizer; pass tokenizer=...")
         return AutoTokenizer.from_pretrained(str(self.tokenizer_folder))
 
-    def load_model(self, dtype: torch.dtype = torch.float32, base: "Checkpoint | None" = None):
+    def load_model(self, dtype: torch.dtype = torch.float32, base: Checkpoint | None = None):
         """A fresh Hugging Face model in eval mode (never the user's own object)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 

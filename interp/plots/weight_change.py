@@ -40,8 +40,8 @@ def weight_change_figure(result: WeightChange):
 
 def weight_change_plotly(result: WeightChange):
     """Plotly: the same heat maps with hover text giving the exact numbers."""
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     labels = list(dict.fromkeys(result.table["pair"]))
     vmax = float(result.table["relative_change"].max())

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from interp.cache import atomic_dir, content_key, entry
+from interp.sections import source_digest
 
 VERSION = 1
 OPTIONS = {"n_fit": 300, "n_test": 320, "n_calibration": 150, "n_points": 11,
@@ -31,20 +31,8 @@ _SOURCES = ("analysis/context.py", "analysis/context_task.py", "analysis/context
             "analysis/layer_search.py", "sections/context.py")
 
 
-def _pair_identity(pair) -> dict[str, Any] | None:
-    """What determines a pair's weights: its folders and provenance (None for in-memory pairs)."""
-    base = getattr(pair.base, "folder", None)
-    other = pair.adapter.folder if pair.adapter is not None else getattr(pair.finetuned, "folder",
-                                                                         None)
-    if base is None or other is None:
-        return None
-    return {"label": pair.label, "base": str(base), "finetuned": str(other),
-            "provenance": pair.provenance}
 
 
-def _source_digest() -> str:
-    root = Path(__file__).resolve().parent.parent
-    return content_key(*[(root / name).read_text() for name in _SOURCES])
 
 
 def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
@@ -64,10 +52,10 @@ def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
 
     options = {**OPTIONS, **(options or {})}
     das = {**ZOO_DAS, **(options["das"] or {})}
-    identities = [_pair_identity(p) for p in pairs.values()]
+    identities = [p.identity() for p in pairs.values()]
     folder = None
     if all(identities):
-        key = content_key("context-section", VERSION, options, das, identities, _source_digest())
+        key = content_key("context-section", VERSION, options, das, identities, source_digest(*_SOURCES))
         folder = entry("context_section", key)
         if (folder / "done.json").exists():
             return {"search": LayerSearch.load(folder / "search"),
@@ -176,7 +164,6 @@ def findings_markdown(results: dict[str, Any]) -> str:
 
 def section(ctx) -> list:
     """Figures: layer-search trace, violins by intent, steering sweeps, separation vs PairAcc."""
-    from interp.figures import Figure
     from interp.plots.context import (
         layer_search_figure,
         layer_search_plotly,
@@ -189,7 +176,6 @@ def section(ctx) -> list:
         subspace_profile_figure,
         subspace_profile_plotly,
     )
-    from interp.plots.style import save_matplotlib, save_plotly
 
     results = compute(ctx.pairs, progress=ctx.progress)
     search, transfer = results["search"], results["transfer"]
@@ -215,10 +201,6 @@ def section(ctx) -> list:
           "the intent difference at the last token, per layer: a rank-1 knob shows as k = 1 "
           "already flipping most answers.")),
     ]
-    gallery = []
-    for stem, figure, interactive, title, caption in plots:
-        save_matplotlib(figure, ctx.path(stem))
-        save_plotly(interactive, ctx.path(stem))
-        gallery.append(Figure(stem, title, caption))
+    gallery = [ctx.save(*entry) for entry in plots]
     ctx.findings.append(findings_markdown(results))
     return gallery

@@ -12,14 +12,13 @@ only redraws.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from interp.cache import atomic_dir, content_key, entry, file_digest
+from interp.cache import atomic_dir, content_key, entry
+from interp.sections import source_digest
 
 VERSION = 1
 OPTIONS = {"sparsities": (1e-4, 1e-3, 1e-2), "middle": 1e-3, "steps": 8, "n_prompts": 192,
@@ -29,28 +28,8 @@ _SOURCES = ("analysis/grafting.py", "analysis/grafting_space.py", "analysis/graf
             "analysis/grafting_eval.py", "sections/grafting.py")
 
 
-def _pair_identity(pair) -> dict[str, Any]:
-    """What determines a pair's weights: digests of its checkpoint and adapter files."""
-    identity: dict[str, Any] = {"label": pair.label}
-    for side, checkpoint in (("base", pair.base), ("finetuned", pair.finetuned)):
-        if checkpoint is None:
-            continue
-        if checkpoint.folder is None:
-            raise ValueError(f"pair {pair.label!r} is in memory; the section caches zoo pairs only")
-        identity[side] = {f.name: file_digest(f) for f in sorted(Path(checkpoint.folder).glob(
-            "*.safetensors"))}
-    if pair.adapter is not None:
-        identity["adapter"] = {f.name: file_digest(f)
-                               for f in sorted(Path(pair.adapter.folder).glob("adapter_*"))}
-    return identity
 
 
-def _source_digest() -> str:
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for name in _SOURCES:
-        digest.update((root / name).read_bytes())
-    return digest.hexdigest()
 
 
 def _tracking_pairs(pairs: dict[str, Any]) -> dict[str, Any]:
@@ -70,8 +49,8 @@ def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
 
     options = {**OPTIONS, **(options or {})}
     tracking = _tracking_pairs(pairs)
-    identities = [_pair_identity(p) for p in [*pairs.values(), *tracking.values()]]
-    key = content_key("grafting-section", VERSION, options, identities, _source_digest())
+    identities = [p.identity() for p in [*pairs.values(), *tracking.values()]]
+    key = content_key("grafting-section", VERSION, options, identities, source_digest(*_SOURCES))
     folder = entry("grafting_section", key)
     if (folder / "done.json").exists():
         masks = {name: GraftMask.load(folder / sub) for name, sub in
@@ -181,7 +160,6 @@ def findings(result: dict[str, Any]) -> str:
 
 def section(ctx) -> list:
     """Figures + findings for the gallery (see module docstring)."""
-    from interp.figures import Figure
     from interp.plots.grafting import (
         graft_accuracy_figure,
         graft_accuracy_plotly,
@@ -192,7 +170,6 @@ def section(ctx) -> list:
         reliability_figure,
         reliability_plotly,
     )
-    from interp.plots.style import save_matplotlib, save_plotly
 
     result = compute(ctx.pairs, progress=ctx.progress)
     evaluation, masks = result["evaluation"], result["masks"]
@@ -214,10 +191,6 @@ def section(ctx) -> list:
          reliability_plotly(exact, OPTIONS["middle"]), "Reliability of grafted models",
          "Accuracy vs top-1 confidence per bin at sparsity 1e-3; ECE in the legend."),
     ]
-    figures = []
-    for stem, figure, interactive, title, caption in outputs:
-        save_matplotlib(figure, ctx.path(stem))
-        save_plotly(interactive, ctx.path(stem))
-        figures.append(Figure(stem, title, caption))
+    figures = [ctx.save(*entry) for entry in outputs]
     ctx.findings.append(findings(result))
     return figures

@@ -11,11 +11,10 @@ warm rerun only redraws.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from pathlib import Path
 from typing import Any
 
-from interp.cache import content_key, entry, file_digest
+from interp.cache import content_key, entry
+from interp.sections import source_digest
 
 VERSION = 1
 K, EPS = 10, 0.5
@@ -25,34 +24,8 @@ _SOURCES = ("analysis/intruders.py", "analysis/intruders_svd.py",
             "analysis/intruders_mitigation.py", "sections/intruders.py")
 
 
-def _pair_identity(pair) -> dict[str, Any]:
-    """What determines a pair's weights: file digests for folders, matrix digests in memory."""
-    from interp.analysis.intruders_svd import matrix_digest
-
-    identity: dict[str, Any] = {"label": pair.label}
-    for side, checkpoint in (("base", pair.base), ("finetuned", pair.finetuned)):
-        if checkpoint is None:
-            continue
-        if checkpoint.folder is not None:
-            files = sorted(Path(checkpoint.folder).glob("*.safetensors"))
-            identity[side] = {f.name: file_digest(f) for f in files}
-        elif checkpoint.state_file is not None:
-            identity[side] = file_digest(checkpoint.state_file)
-        else:
-            read = pair.base_matrix if side == "base" else pair.finetuned_matrix
-            identity[side] = content_key(*[matrix_digest(read(n)) for n in pair.matrix_names()])
-    if pair.adapter is not None:
-        files = sorted(Path(pair.adapter.folder).glob("adapter_*"))
-        identity["adapter"] = {f.name: file_digest(f) for f in files}
-    return identity
 
 
-def _source_digest() -> str:
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for name in _SOURCES:
-        digest.update((root / name).read_bytes())
-    return digest.hexdigest()
 
 
 def _pretraining_text(n: int) -> list[str]:
@@ -79,7 +52,7 @@ def compute(ctx) -> tuple[Any, Any]:
 
     pairs = dict(ctx.pairs)
     key = content_key("section.intruders", VERSION, K, EPS, LAMS, N_TEXTS, N_TASK,
-                      [_pair_identity(p) for p in pairs.values()], _source_digest())
+                      [p.identity() for p in pairs.values()], source_digest(*_SOURCES))
     folder = entry("sections", f"intruders-{key}")
     if (folder / "report" / "result.json").exists():
         tradeoff = None
@@ -150,9 +123,7 @@ def findings(report, tradeoff) -> str:
 
 def section(ctx) -> list:
     """Figures and findings for the gallery."""
-    from interp.figures import Figure
     from interp.plots import intruders as plots
-    from interp.plots.style import save_matplotlib, save_plotly
 
     report, tradeoff = compute(ctx)
     matrix = next(iter(report.full_similarity)).split("|", 1)[1] if report.full_similarity \
@@ -182,11 +153,7 @@ def section(ctx) -> list:
         made.append(("intruders_tradeoff", plots.intruder_tradeoff_figure(tradeoff),
                      plots.intruder_tradeoff_plotly(tradeoff), "Scaling intruders: the λ trade-off",
                      caption))
-    figures = []
-    for stem, figure, interactive, title, caption in made:
-        save_matplotlib(figure, ctx.path(stem))
-        save_plotly(interactive, ctx.path(stem))
-        figures.append(Figure(stem, title, caption))
+    figures = [ctx.save(*entry) for entry in made]
     ctx.findings.append(findings(report, tradeoff))
     return figures
 

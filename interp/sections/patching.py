@@ -13,12 +13,11 @@ map, plus every MLP output as a group of its own). Results are cached under a co
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
-from interp.cache import atomic_dir, content_key, entry, file_digest
+from interp.cache import atomic_dir, content_key, entry
+from interp.sections import source_digest
 
 VERSION = 2
 TASK = "tracking"
@@ -31,25 +30,8 @@ _SOURCES = ("analysis/patching.py", "analysis/patching_engine.py", "analysis/cir
             "sections/patching.py")
 
 
-def _pair_identity(pair) -> dict[str, Any]:
-    """File digests of everything that determines the pair's weights."""
-    identity: dict[str, Any] = {"label": pair.label}
-    folders = {"base": pair.base.folder,
-               "finetuned": None if pair.finetuned is None else pair.finetuned.folder,
-               "adapter": None if pair.adapter is None else pair.adapter.folder}
-    for side, folder in folders.items():
-        if folder is not None:
-            files = sorted(Path(folder).glob("*.safetensors"))
-            identity[side] = {f.name: file_digest(f) for f in files}
-    return identity
 
 
-def _source_digest() -> str:
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for name in _SOURCES:
-        digest.update((root / name).read_bytes())
-    return digest.hexdigest()
 
 
 def tracking_pairs() -> dict[str, Any]:
@@ -93,7 +75,7 @@ def compute(ctx, pairs: dict[str, Any] | None = None) -> dict[str, Any]:
     pairs = tracking_pairs() if pairs is None else dict(pairs)
     task = tracking_task()
     key = content_key("section.patching", VERSION, N_BOXES, N_ITEMS, SITES, TOP_HEADS, task.prompts,
-                      [_pair_identity(p) for p in pairs.values()], _source_digest())
+                      [p.identity() for p in pairs.values()], source_digest(*_SOURCES))
     folder = entry("sections", f"patching-{key}")
     if not (folder / "done.json").exists():
         results = {label: patch(pair, task, sites=SITES, direction="ft->base", progress=ctx.progress)
@@ -165,9 +147,7 @@ def findings(data: dict[str, Any]) -> str:
 
 def section(ctx, pairs: dict[str, Any] | None = None) -> list:
     """Figures and findings for the gallery (``pairs``: see :func:`compute`)."""
-    from interp.figures import Figure
     from interp.plots import patching as plots
-    from interp.plots.style import save_matplotlib, save_plotly
 
     data = compute(ctx, pairs)
     results, full = data["results"], data["full"]
@@ -191,11 +171,7 @@ def section(ctx, pairs: dict[str, Any] | None = None) -> list:
          ("Accuracy of the base, of the full fine-tune, and of the base with the fine-tune's "
           "activations patched into each group (heads chosen from its map; every MLP).")),
     ]
-    figures = []
-    for stem, figure, interactive, title, caption in made:
-        save_matplotlib(figure, ctx.path(stem))
-        save_plotly(interactive, ctx.path(stem))
-        figures.append(Figure(stem, title, caption))
+    figures = [ctx.save(*entry) for entry in made]
     ctx.findings.append(findings(data))
     return figures
 

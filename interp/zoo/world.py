@@ -22,21 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from interp.errors import TaskError
 from interp.tasks import Task
 
-CITIES = (
-    "Paris Rome Lima Oslo Cairo Delhi Tokyo Berlin Madrid Vienna Dublin Prague "
-    "Lagos Quito Seoul Hanoi"
-).split()
-JOBS = "baker doctor farmer pilot teacher painter nurse tailor miner sailor singer judge".split()
-OBJECTS = (
-    "apple car ball book cup key hat shoe lamp coin ring pen map bell fork drum kite "
-    "rope vase sock bowl clock doll flag glove jar leaf mask nut pipe"
-).split()
+CITIES = ["Paris", "Rome", "Lima", "Oslo", "Cairo", "Delhi", "Tokyo", "Berlin", "Madrid", "Vienna", "Dublin", "Prague", "Lagos", "Quito", "Seoul", "Hanoi"]
+JOBS = ["baker", "doctor", "farmer", "pilot", "teacher", "painter", "nurse", "tailor", "miner", "sailor", "singer", "judge"]
+OBJECTS = ["apple", "car", "ball", "book", "cup", "key", "hat", "shoe", "lamp", "coin", "ring", "pen", "map", "bell", "fork", "drum", "kite", "rope", "vase", "sock", "bowl", "clock", "doll", "flag", "glove", "jar", "leaf", "mask", "nut", "pipe"]
 LABELS = tuple("ABCDEFGHJKLMNOPQRSTUVWXZ")
 MAX_DIGIT = 9
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -55,14 +49,10 @@ INSTRUCTIONS = {
 ATTRIBUTES = ("city", "job")
 _STATEMENT = {"city": "{name} lives in", "job": "{name} works as a"}
 _QUERY = {"city": "Where does {name} live?", "job": "What is the job of {name}?"}
-_FUNCTION_WORDS = (
-    "The the is in Box contains and , . : ? Context Instruction Query Answer "
-    "Only Never consider context answering query lives works as a Where does live What job of "
-    "plus + ="
-).split()
+_FUNCTION_WORDS = ["The", "the", "is", "in", "Box", "contains", "and", ",", ".", ":", "?", "Context", "Instruction", "Query", "Answer", "Only", "Never", "consider", "context", "answering", "query", "lives", "works", "as", "a", "Where", "does", "live", "What", "job", "of", "plus", "+", "="]
 
-_ONSETS = "b d f g k l m n p r s t v z".split()
-_VOWELS = "a e i o u".split()
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z"]
+_VOWELS = ["a", "e", "i", "o", "u"]
 
 
 def _names(count: int, seed: int) -> tuple[str, ...]:
