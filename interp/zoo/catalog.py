@@ -129,17 +129,17 @@ def path_of(name: str, config: str = "default") -> Path:
     return entry(KIND, f"{prefix}-{recipe_key(table[name], config)}")
 
 
-def _build_one(recipe: Recipe, config: str, progress: bool) -> Path:
+def _build_one(recipe: Recipe, folders: dict[str, Path], progress: bool) -> Path:
     from interp.zoo.train import finetune, pretrain
 
-    final = path_of(recipe.name, config)
+    final = folders[recipe.name]
     if final.exists():
         return final
     with atomic_dir(final) as tmp:
         if recipe.finetune is None:
             pretrain(recipe.base, tmp, progress=progress)
         else:
-            finetune(path_of(recipe.parent, config), recipe.finetune, tmp, progress=progress)
+            finetune(folders[recipe.parent], recipe.finetune, tmp, progress=progress)
     return final
 
 
@@ -147,6 +147,8 @@ def build(names: Iterable[str] | None = None, config: str = "default",
           progress: bool = True) -> dict[str, Path]:
     """Build every missing recipe in ``names`` (default: all), parents first; return their folders.
 
+    Keys are computed once, before anything is trained, so a source edit in
+    mid-build cannot give a fine-tune a parent other than the one it names.
     A second call finds everything in place and touches no file.
     """
     table = recipes(config)
@@ -155,15 +157,16 @@ def build(names: Iterable[str] | None = None, config: str = "default",
         if name not in table:
             raise KeyError(f"no zoo recipe {name!r}; known: {', '.join(table)}")
     order = [n for n in table if n in wanted or any(table[w].parent == n for w in wanted)]
-    missing = [n for n in order if not path_of(n, config).exists()]
+    folders = {name: path_of(name, config) for name in order}
+    missing = [n for n in order if not folders[n].exists()]
     start = time.perf_counter()
     bar = tqdm(missing, desc="zoo build", disable=not progress or not missing, unit="model")
     for name in bar:
         bar.set_postfix_str(name)
-        _build_one(table[name], config, progress)
+        _build_one(table[name], folders, progress)
     if missing and progress:
         tqdm.write(f"zoo: built {len(missing)} model(s) in {time.perf_counter() - start:.0f} s")
-    return {name: path_of(name, config) for name in order}
+    return folders
 
 
 def metadata(name: str, config: str = "default") -> dict[str, Any]:
