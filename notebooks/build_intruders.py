@@ -61,8 +61,8 @@ the flags equal the paper's direct computation. The result shows itself as a per
 report"""),
     ("md", """## Which variant has intruders?
 
-The model-level count is the number of flagged (matrix, vector) pairs over all 28 scanned
-matrices (4 layers × q, k, v, o, gate, up, down), each contributing at most `k = 10`."""),
+The model-level count is the number of flagged (matrix, vector) pairs over every scanned
+matrix (each layer's q, k, v, o, gate, up, down), each contributing at most `k = 10`."""),
     ("code", """counts = report.summary().set_index("pair")
 for label, row in counts.iterrows():
     print(f"{label:20s} {int(row.n_intruders):4d} intruders in {int(row.matrices_with_intruders):2d} "

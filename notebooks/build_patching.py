@@ -27,8 +27,8 @@ already used — patching only its "value fetcher" heads recovers all of it.
 
 `interp.patch` generalises this from a chosen head group to **every component**: the residual
 stream at each layer and position, each attention head's output, each attention and MLP output.
-Everything runs on the built-in zoo: a tiny Llama (4 layers, 4 heads) whose pretraining shows
-only 2–3 boxes, fine-tuned on entity tracking with full fine-tuning and LoRA.
+Everything runs on the built-in zoo: a tiny Llama whose pretraining shows
+only two boxes at a time (the task asks about two to five), fine-tuned on entity tracking with full fine-tuning and LoRA.
 
 Task format: `The cup is in Box K, the map is in Box R, and the key is in Box D. Box R contains
 the` → ` map`. The counterfactual answer is the object in another box (the metric is the logit

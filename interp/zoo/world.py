@@ -36,9 +36,9 @@ MAX_DIGIT = 9
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.3
-PRETRAIN_TRACKING_BOXES = (2, 3)
+PRETRAIN_TRACKING_BOXES = (2,)
 PRETRAIN_TRACKING_QUERIES = 6
-TASK_TRACKING_BOXES = (2, 7)
+TASK_TRACKING_BOXES = (2, 5)
 
 # Instructions differ in one token so a prompt and its opposite-intent
 # counterfactual have equal lengths and align position by position.
@@ -125,7 +125,8 @@ class World:
 
     # -- pretraining -----------------------------------------------------
     def pretraining_document(self, rng: random.Random, mix: dict[str, float] | None = None,
-                             tracking_boxes: Sequence[int] = PRETRAIN_TRACKING_BOXES) -> str:
+                             tracking_boxes: Sequence[int] = PRETRAIN_TRACKING_BOXES,
+                             tracking_labels: int = len(LABELS)) -> str:
         """One pretraining document drawn from ``mix`` (default :data:`PRETRAIN_MIX`).
 
         Tracking documents have ``tracking_boxes`` boxes: fewer than the task
@@ -134,7 +135,7 @@ class World:
         kinds, weights = zip(*(mix or PRETRAIN_MIX).items())
         kind = rng.choices(kinds, weights)[0]
         if kind == "tracking":
-            return _doc_tracking(self, rng, tracking_boxes)
+            return _doc_tracking(self, rng, tracking_boxes, LABELS[:tracking_labels])
         return _DOCUMENTS[kind](self, rng)
 
     def pretraining_text(self, n: int = 512, seed: int = 1_000_003,
@@ -181,14 +182,15 @@ def _doc_intent(world: World, rng: random.Random) -> str:
 
 
 def _doc_tracking(world: World, rng: random.Random,
-                  boxes: Sequence[int] = PRETRAIN_TRACKING_BOXES) -> str:
+                  boxes: Sequence[int] = PRETRAIN_TRACKING_BOXES,
+                  labels: Sequence[str] = LABELS) -> str:
     """Boxes, then :data:`PRETRAIN_TRACKING_QUERIES` questions about random boxes.
 
     Many queries per document give the slow-to-form lookup circuit many
     supervised examples per step (as in multi-query associative recall).
     """
     n_boxes = rng.choice(boxes)
-    objects, labels = rng.sample(OBJECTS, n_boxes), rng.sample(LABELS, n_boxes)
+    objects, labels = rng.sample(OBJECTS, n_boxes), rng.sample(labels, n_boxes)
     text = _box_statements(objects, labels)
     for _ in range(PRETRAIN_TRACKING_QUERIES):
         i = rng.randrange(n_boxes)
@@ -235,7 +237,7 @@ _DOCUMENTS: dict[str, Callable[[World, random.Random], str]] = {
     "tracking": _doc_tracking,
     "sum": _doc_sum,
 }
-PRETRAIN_MIX = {"fact": 0.3, "query": 0.25, "intent": 0.15, "tracking": 0.15, "sum": 0.15}
+PRETRAIN_MIX = {"fact": 0.25, "query": 0.2, "intent": 0.15, "tracking": 0.3, "sum": 0.1}
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def _tracking_item(rng: random.Random, n_boxes: int) -> tuple[str, str, str, str
 
 
 def tracking_task(world: World, split: str = "test", n: int | None = None, seed: int = 0) -> Task:
-    """Entity tracking (methods.md §3) with 2-7 boxes; counterfactual swaps the query label."""
+    """Entity tracking (methods.md §3) with 2-5 boxes (pretraining shows 2); counterfactual swaps the query label."""
     _check_split(split)
     n = 400 if n is None else n
     rng = random.Random(f"tracking-{world.seed}-{split}-{seed}")
