@@ -366,5 +366,6 @@ def test_zoo_lora_pair_batched_equals_reference(zoo_ready):
     fast = patch(pair, task, sites=sites, engine="fast", progress=False)
     slow = patch(pair, task, sites=sites, engine="reference", progress=False)
     for metric in ("logit_diff", "prob"):
-        assert (fast.per_item[metric] - slow.per_item[metric]).abs().max() < TOL
+        # float32: 1e-5 absolute plus 1e-6 of the value (the zoo's logit differences reach ~20)
+        assert torch.allclose(fast.per_item[metric], slow.per_item[metric], rtol=1e-6, atol=TOL)
     assert fast.baseline()["source_accuracy"] == slow.baseline()["source_accuracy"]
