@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not notebook"
+	$(PY) -m pytest
 
 notebooks: $(STAMP)
 	$(PY) -m pytest -m notebook tests/test_notebooks.py

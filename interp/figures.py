@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interp.cache import atomic_write_text
+from interp.plots.style import write_if_changed
 
 FIGURE_SUFFIXES = (".png", ".html")
 
@@ -111,8 +111,8 @@ def make_figures(out: str | Path = "figures", sections: list[str] | None = None,
         if progress:
             print(f"[figures] {name}: {time.perf_counter() - start:.1f} s")
     write_gallery(out, gallery)
-    atomic_write_text(out / "findings.md", "# Findings (measured on the built-in zoo)\n\n"
-                      + "\n\n".join(ctx.findings) + "\n")
+    findings = "# Findings (measured on the built-in zoo)\n\n" + "\n\n".join(ctx.findings) + "\n"
+    write_if_changed(out / "findings.md", findings.encode())
     return gallery
 
 
@@ -133,7 +133,7 @@ def write_gallery(out: Path, gallery: list[Figure]) -> Path:
         "on the built-in zoo</h1><p>See <a href='findings.md'>findings.md</a> for the numbers.</p>"
         + "".join(cards) + "</body></html>"
     )
-    atomic_write_text(out / "index.html", page)
+    write_if_changed(out / "index.html", page.encode())
     return out / "index.html"
 
 

@@ -19,22 +19,49 @@ def pair_colors(labels: list[str]) -> dict[str, str]:
     return {label: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, label in enumerate(unique)}
 
 
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Atomically write ``data`` unless ``path`` already holds exactly it; True if written.
+
+    Figures are rendered deterministically (no timestamps, fixed element ids),
+    so regenerating an unchanged figure leaves its file, and its mtime, alone.
+    """
+    from interp.cache import atomic_write_bytes
+
+    if path.exists() and path.read_bytes() == data:
+        return False
+    atomic_write_bytes(path, data)
+    return True
+
+
 def save_matplotlib(figure, path: str | Path) -> list[Path]:
-    """Save ``figure`` as PNG (and PDF) at ``path`` (no suffix); returns written paths."""
+    """Save ``figure`` as PNG (150 dpi) and PDF at ``path`` (no suffix); returns both paths."""
+    import io
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for suffix, kwargs in ((".png", {"dpi": 150}), (".pdf", {})):
-        target = path.with_suffix(suffix)
-        figure.savefig(target, bbox_inches="tight", **kwargs)
-        written.append(target)
+    for suffix, kwargs in ((".png", {"dpi": 150, "metadata": {"Software": None}}),
+                           (".pdf", {"metadata": {"CreationDate": None, "Producer": None,
+                                                  "Creator": None}})):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=suffix[1:], bbox_inches="tight", **kwargs)
+        write_if_changed(path.with_suffix(suffix), buffer.getvalue())
+        written.append(path.with_suffix(suffix))
     plt.close(figure)
     return written
 
 
 def save_plotly(figure, path: str | Path) -> Path:
-    """Save a plotly figure as standalone HTML (plotly.js inlined, so it opens offline)."""
+    """Save a plotly figure as HTML that opens offline.
+
+    plotly.js is written once per folder (``plotly.min.js``) and referenced,
+    not inlined (3.5 MB per figure otherwise).
+    """
+    import plotly.io as pio
+    from plotly.offline import get_plotlyjs
+
     path = Path(path).with_suffix(".html")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.write_html(str(path), include_plotlyjs=True, full_html=True)
+    write_if_changed(path.parent / "plotly.min.js", get_plotlyjs().encode())
+    page = pio.to_html(figure, include_plotlyjs="plotly.min.js", full_html=True,
+                       div_id=path.stem.replace(".", "-"))
+    write_if_changed(path, page.encode())
     return path
