@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+sys.path.insert(0, str(Path(__file__).parent))
+from nbcells import write_notebook
 
 CELLS = [
     ("md", """# 04 · The context-sensitivity knob
@@ -155,15 +156,8 @@ else:
 
 
 def build(path: Path | None = None) -> Path:
-    """Write the notebook without outputs; returns its path."""
-    path = path or Path(__file__).with_name("04_context_knob.ipynb")
-    notebook = new_notebook()
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                       "language": "python"}
-    notebook.cells = [new_markdown_cell(text) if kind == "md" else new_code_cell(text)
-                      for kind, text in CELLS]
-    nbformat.write(notebook, path)
-    return path
+    """Write the notebook without outputs (fixed cell ids: a rebuild gives the same file)."""
+    return write_notebook(CELLS, path or Path(__file__).with_name("04_context_knob.ipynb"), "context")
 
 
 if __name__ == "__main__":

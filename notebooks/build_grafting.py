@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+sys.path.insert(0, str(Path(__file__).parent))
+from nbcells import write_notebook
 
 CELLS = [
     ("md", """# Skill localization by grafting
@@ -121,16 +122,8 @@ grafting section records the numbers measured on the current zoo."""),
 
 
 def build(path: Path | None = None) -> Path:
-    path = path or Path(__file__).parent / "02_skill_localization.ipynb"
-    notebook = new_notebook()
-    notebook.cells = [new_markdown_cell(text) if kind == "md" else new_code_cell(text)
-                      for kind, text in CELLS]
-    for index, cell in enumerate(notebook.cells):
-        cell.id = f"graft-{index:02d}"  # stable ids: a rebuild writes the same file
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                       "language": "python"}
-    nbformat.write(notebook, path)
-    return path
+    """Write the notebook without outputs (fixed cell ids: a rebuild gives the same file)."""
+    return write_notebook(CELLS, path or Path(__file__).with_name("02_skill_localization.ipynb"), "graft")
 
 
 if __name__ == "__main__":

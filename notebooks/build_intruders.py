@@ -8,12 +8,11 @@ markdown says what to look for, the code cells print the measured values.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-OUT = Path(__file__).parent / "01_intruder_dimensions.ipynb"
+sys.path.insert(0, str(Path(__file__).parent))
+from nbcells import write_notebook
 
 CELLS = [
     ("md", """# Intruder dimensions: where LoRA's weight updates diverge from full fine-tuning
@@ -156,17 +155,10 @@ again.solver.groupby("method").size()"""),
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    cells = [new_markdown_cell(text) if kind == "md" else new_code_cell(text)
-             for kind, text in CELLS]
-    for index, cell in enumerate(cells):  # fixed ids: rebuilding gives the same file
-        cell["id"] = f"intruders-{index:02d}"
-    return new_notebook(cells=cells, metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-        "language_info": {"name": "python"},
-    })
+def build(path: Path | None = None) -> Path:
+    """Write the notebook without outputs (fixed cell ids: a rebuild gives the same file)."""
+    return write_notebook(CELLS, path or Path(__file__).with_name("01_intruder_dimensions.ipynb"), "intruders")
 
 
 if __name__ == "__main__":
-    nbformat.write(build(), OUT)
-    print(f"wrote {OUT}")
+    print(build())

@@ -8,12 +8,11 @@ for and the code cells print the measured values.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-OUT = Path(__file__).parent / "03_cross_model_patching.ipynb"
+sys.path.insert(0, str(Path(__file__).parent))
+from nbcells import write_notebook
 
 CELLS = [
     ("md", """# Cross-model activation patching: which components carry what fine-tuning improved?
@@ -160,13 +159,10 @@ print(again.table.equals(results[FULL].table), again.per_item["logit_diff"].shap
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    notebook = new_notebook()
-    notebook.cells = [new_markdown_cell(text) if kind == "md" else new_code_cell(text) for kind, text in CELLS]
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return notebook
+def build(path: Path | None = None) -> Path:
+    """Write the notebook without outputs (fixed cell ids: a rebuild gives the same file)."""
+    return write_notebook(CELLS, path or Path(__file__).with_name("03_cross_model_patching.ipynb"), "patching")
 
 
 if __name__ == "__main__":
-    nbformat.write(build(), OUT)
-    print(f"wrote {OUT}")
+    print(build())

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nbcells import write_notebook  # noqa: E402
+from nbcells import write_notebook
 
 CELLS = [
     ("md", """# 00 · Quickstart: what did fine-tuning change?
