@@ -31,7 +31,7 @@ from interp.tasks import Task, first_token_ids
 
 INTENTS = ("ctx", "prior")
 #: The zoo's prompt format (``interp.zoo.world.World.intent_prompt``), as a template.
-ZOO_TEMPLATE = "Context: {context} Instruction: {instruction} Query: {query} Answer:"
+ZOO_TEMPLATE = "Context: {context} Query: {query} Instruction: {instruction} Answer:"
 ZOO_BARE_TEMPLATE = "Context: {context} Query: {query} Answer:"
 #: The zoo's two instructions: they differ in one word, so the two prompts align.
 ZOO_INSTRUCTIONS = {

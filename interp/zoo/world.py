@@ -10,10 +10,11 @@ Four kinds of knowledge, chosen to exercise the four methods in methods.md:
 - **facts** (``Bodo lives in`` -> `` Paris``): memorised in pretraining, the
   model's prior knowledge;
 - **tracking** (``The apple is in Box O, ... Box O contains the`` -> `` apple``):
-  pretraining shows only a few boxes, so the base tracks partly (§3);
+  pretraining shows two boxes, the task two to five, so the base tracks partly (§3);
 - **intent** (context QA with an instruction to use or ignore the context):
-  pretraining shows the format with answers drawn at random from context or
-  prior, so the base knows both answers but not which to give (§4);
+  pretraining shows the format, instruction first, with answers drawn at random
+  from context or prior, so the base knows both answers but not which to give;
+  the task puts the instruction last (§4);
 - **add** (``3 + 4 =`` -> `` 7``): pretraining states the table in words
   (``3 plus 4 is 7``); the task asks in symbols, a thin wrapper to learn.
 """
@@ -117,11 +118,21 @@ class World:
     def statement(self, name: str, attribute: str) -> str:
         return _STATEMENT[attribute].format(name=name)
 
-    def intent_prompt(self, name: str, attribute: str, context_value: str, intent: str | None) -> str:
-        """Context / (Instruction) / Query prompt ending at ``Answer:``."""
+    def intent_prompt(self, name: str, attribute: str, context_value: str, intent: str | None,
+                      instruction_first: bool = False) -> str:
+        """Context / Query / (Instruction) prompt ending at ``Answer:``.
+
+        Tasks put the instruction last, just before ``Answer:``, so even a
+        two-layer model must carry the intent at the last token (where the
+        context knob of methods.md §4 is read). Pretraining documents put it
+        first (``instruction_first``), so the base never saw the task's order.
+        """
         context = f"Context: {self.statement(name, attribute)} {context_value}."
+        query = f" Query: {_QUERY[attribute].format(name=name)}"
         instruction = f" Instruction: {INSTRUCTIONS[intent]}" if intent else ""
-        return f"{context}{instruction} Query: {_QUERY[attribute].format(name=name)} Answer:"
+        if instruction_first:
+            return f"{context}{instruction}{query} Answer:"
+        return f"{context}{query}{instruction} Answer:"
 
     # -- pretraining -----------------------------------------------------
     def pretraining_document(self, rng: random.Random, mix: dict[str, float] | None = None,
@@ -178,7 +189,7 @@ def _doc_intent(world: World, rng: random.Random) -> str:
     other = rng.choice([v for v in (CITIES if attribute == "city" else JOBS) if v != true])
     intent = rng.choice(["ctx", "prior", None])
     answer = rng.choice([other, true])
-    return f"{world.intent_prompt(name, attribute, other, intent)} {answer}."
+    return f"{world.intent_prompt(name, attribute, other, intent, instruction_first=True)} {answer}."
 
 
 def _doc_tracking(world: World, rng: random.Random,
