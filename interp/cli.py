@@ -25,6 +25,13 @@ def _zoo(args: argparse.Namespace) -> int:
 
 
 def _figures(args: argparse.Namespace) -> int:
+    if args.real:
+        from interp.sections.real import make_real_figures
+
+        out = args.out if args.out != "figures" else "figures/real"
+        gallery = make_real_figures(out)
+        print(f"wrote {len(gallery)} figures; open {out}/index.html")
+        return 0
     from interp.figures import make_figures
 
     gallery = make_figures(args.out, sections=args.section or None)
@@ -58,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = commands.add_parser("figures", help="regenerate every figure on the zoo")
     figures.add_argument("--out", default="figures")
     figures.add_argument("--section", action="append", help="only this section (repeatable)")
+    figures.add_argument("--real", action="store_true",
+                         help="the SmolLM2 case instead (needs `make real`); writes figures/real")
     figures.set_defaults(run=_figures)
 
     report = commands.add_parser(

@@ -265,6 +265,22 @@ def real_intent_task(
     )
 
 
+def real_bare_task(tokenizer, split: str = "test", *, n: int | None = None, seed: int = 0) -> Task:
+    """The items of :func:`real_intent_task` with no instruction line (for steering), one per item."""
+    intent = real_intent_task(tokenizer, split, n=None if n is None else 2 * n, seed=seed)
+    rows = [i for i, kind in enumerate(intent.extras["intent"]) if kind == "ctx"]
+    extras = intent.extras
+    return Task(
+        name="real_intent_bare",
+        prompts=[capital_prompt(tokenizer, extras["country"][i], extras["ctx_answer"][i].strip())
+                 for i in rows],
+        answers=[extras["ctx_answer"][i] for i in rows],
+        extras={key: [extras[key][i] for i in rows]
+                for key in ("item", "ctx_answer", "prior_answer", "country")},
+        description="SmolLM2 capitals with a context and no instruction; read ctx/prior_answer",
+    )
+
+
 # ---------------------------------------------------------------------------
 # fine-tunes
 # ---------------------------------------------------------------------------
