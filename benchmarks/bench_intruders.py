@@ -42,6 +42,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from interp import load_pair
 from interp.analysis.intruders import intruder_dimensions
+from interp.cache import cache_root
 from interp.pairs.weights import matrix_specs
 
 K, EPS = 10, 0.5
@@ -106,7 +107,14 @@ def interp_scan(pairs, names, solver: str):
 def load_spec(spec: dict):
     """Pairs and matrix names from a JSON-able description (so a worker process can rebuild them)."""
     if spec.get("zoo"):
-        pairs = zoo_pairs()
+        # The zoo lives in the user's cache; the worker's INTERP_CACHE is a fresh folder (so the
+        # base-SVD cache starts cold), so resolve the zoo's folders under the former.
+        worker_cache = os.environ.get("INTERP_CACHE")
+        os.environ["INTERP_CACHE"] = spec["zoo_cache"]
+        try:
+            pairs = zoo_pairs()
+        finally:
+            os.environ["INTERP_CACHE"] = worker_cache
         return pairs, pairs[0].matrix_names()
     pairs = [load_pair(p["base"], p["finetuned"], label=p["label"]) for p in spec["pairs"]]
     return pairs, spec["names"]
@@ -305,7 +313,8 @@ def main() -> None:
         if zoo_pairs() is None:
             print("\n== zoo: interp.zoo is not available; skipped")
         else:
-            summary["zoo"] = compare("zoo (tiny Llama, intent fine-tunes)", {"zoo": True})
+            summary["zoo"] = compare("zoo (tiny Llama, intent fine-tunes)",
+                                     {"zoo": True, "zoo_cache": str(cache_root())})
     if not args.skip_smollm2:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
