@@ -36,3 +36,15 @@ class TaskError(InterpError):
 
 class UnsupportedArchitectureError(InterpError):
     """interp has no table entry mapping this architecture's weights to canonical names."""
+
+
+class GraftError(InterpError, ValueError):
+    """Bad options for a grafting analysis (sparsity, eligible tensors, steps)."""
+
+
+class MaskMismatchError(GraftError):
+    """A mask was learned on another pair (different tensors, shapes or weights)."""
+
+
+class LayerRangeError(InterpError, ValueError):
+    """A layer index outside the model's blocks."""

@@ -17,11 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from interp.errors import ArchitectureMismatchError, InterpError
-
-
-class LayerRangeError(InterpError, ValueError):
-    """A layer index outside the model's blocks."""
+from interp.errors import ArchitectureMismatchError, LayerRangeError
 
 
 def blocks(model) -> torch.nn.ModuleList:

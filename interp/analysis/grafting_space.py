@@ -18,19 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from interp.errors import InterpError, TaskError
+from interp.errors import GraftError, MaskMismatchError, TaskError
 from interp.tasks import Task, first_token_ids
 
 SIGMOID_BIAS = 10.0
 _BLOCK_RE = re.compile(r"\.(\d+)\.")
-
-
-class GraftError(InterpError, ValueError):
-    """Bad options for a grafting analysis (sparsity, eligible tensors, steps)."""
-
-
-class MaskMismatchError(GraftError):
-    """A mask was learned on another pair (different tensors, shapes or weights)."""
 
 
 # --------------------------------------------------------------------------- eligible tensors
