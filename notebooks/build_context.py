@@ -24,7 +24,14 @@ intent task with LoRA r=1/8/64, rsLoRA r=64 and full FT):
 2. the **layer search** (binary searches over patched attention layers);
 3. the **knob**: DAS (the paper's rank-1 interchange training) vs mean difference vs a probe;
 4. **is the intent one-dimensional** here at all?
-5. **steering** without instructions, and the knob of one fine-tune **across models**."""),
+5. **steering** without instructions, and the knob of one fine-tune **across models**.
+
+**What it shows on the zoo** (numbers in `figures/findings.md`): the fine-tunes follow the
+instruction (PairAcc 0.85–0.97), but no last-token direction steers them — swapping even the top
+32 principal directions of the intent difference at the last token flips no answer. In a
+two-layer model the decision is made inside layer 1's attention, reading the instruction from
+other positions, so the paper's knob has nowhere to live. Read the cells below as the method run
+end to end on a model where its premise fails, with the diagnostics that show it."""),
     ("code", """import os
 import torch
 
