@@ -91,12 +91,13 @@ def steering_sweep(
     side: str = "finetuned",
     values: list[float] | None = None,
     n_points: int = 13,
+    reach: float = 3.0,
     intent: Task | None = None,
     eval_task: Task | None = None,
 ) -> SteeringSweep:
     """Sweep the knob coordinate over ``values`` on a bare task; pick the best ``c`` per side.
 
-    The grid defaults to ±3 half-gaps around the midpoint of the intent means —
+    The grid defaults to ±``reach`` half-gaps around the midpoint of the intent means —
     the model's own means when an instructed ``intent`` task is given (the gap
     never narrower than the knob's home gap), else the knob's. Steered PairAcc
     is measured at the chosen values on ``eval_task`` (default: ``bare`` itself;
@@ -110,7 +111,7 @@ def steering_sweep(
         own = knob.calibrate(model, intent, tokenizer=tokenizer)
         centre = (own["c_ctx"] + own["c_prior"]) / 2
         half = max(abs(own["c_ctx"] - own["c_prior"]), abs(knob.c_ctx - knob.c_prior)) / 2
-    values = values if values is not None else default_grid(knob, centre, half, n_points)
+    values = values if values is not None else default_grid(knob, centre, half, n_points, reach)
     centre = float(np.mean(values)) if centre is None else centre
     preds = _steered_argmax(knob, model, tokenizer, data.prompts, values)
     frac_ctx = (preds == data.ctx_ids).float().mean(1).numpy()
@@ -187,6 +188,7 @@ def knob_transfer(
     tokenizer=None,
     side: str = "finetuned",
     n_points: int = 13,
+    reach: float = 3.0,
     batch_size: int = 64,
     progress: bool = True,
 ) -> KnobTransfer:
@@ -205,7 +207,7 @@ def knob_transfer(
         instructed = pair_acc(model, task, tokenizer=tok, batch_size=batch_size)
         separation = knob.separation(model, task, tokenizer=tok, batch_size=batch_size)
         sweep = steering_sweep(knob, model, calibration or bare, tokenizer=tok, intent=task,
-                               n_points=n_points, eval_task=bare)
+                               n_points=n_points, reach=reach, eval_task=bare)
         rows.append({
             "model": label, "instructed_pair_acc": instructed.value,
             "steered_pair_acc": sweep.pair_acc,

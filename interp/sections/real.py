@@ -4,7 +4,7 @@ The LoRA r=1/8/64 and full fine-tunes of :mod:`interp.zoo.real` (built by
 ``python -m interp.zoo.real``) go through the weight-space analyses (weight
 change, intruder dimensions), cross-model patching of attention and MLP
 outputs on the real intent task, and the context knob: found by DAS in the
-LoRA r=8 fine-tune at the middle layer and carried to the base and every other
+LoRA r=8 fine-tune at layer 20 and carried to the base and every other
 fine-tune. Results are cached under a content key like every section; figures
 and ``findings.md`` go to ``figures/real/``.
 """
@@ -19,11 +19,13 @@ from typing import Any
 from interp.cache import atomic_dir, content_key, entry
 from interp.sections import source_digest
 
-VERSION = 1
+VERSION = 2
 COMMAND = "make real   # = python -m interp.zoo.real && python -m interp.cli figures --real"
 OPTIONS = {"k": 10, "eps": 0.5, "n_fit": 160, "n_test": 80, "n_bare": 40, "n_calibration": 40,
-           "n_patch": 24, "n_points": 7, "das": {"epochs": 1, "lr": 1e-3, "batch_size": 8},
-           "home": "lora-r8"}
+           "n_patch": 24, "n_points": 9, "reach": 6.0, "layer": 20,
+           "das": {"epochs": 3, "lr": 1e-2, "batch_size": 8}, "home": "lora-r8"}
+# Layer 20 of 30 and a ±6 half-gap steering grid: a DAS sweep over layers 8/14/20/25 of the
+# LoRA r=8 fine-tune found steering only at 20, and only beyond ±3 half-gaps of the intent means.
 _SOURCES = ("sections/real.py", "analysis/intruders.py", "analysis/intruders_svd.py",
             "analysis/patching.py", "analysis/patching_engine.py", "analysis/context.py",
             "analysis/context_transfer.py", "analysis/weight_change.py", "zoo/real.py")
@@ -79,11 +81,12 @@ def compute(pairs: dict[str, Any], options: dict[str, Any] | None = None,
     bare = real.real_bare_task(tokenizer, "test", n=options["n_bare"])
     models = {"base": first.model("base"), **{p.label: p.model("finetuned") for p in pairs.values()}}
     home = pairs[options["home"]].label
-    layer = first.n_layers // 2
+    layer = options["layer"]
     knob = context_knob(models[home], fit, layer=layer, tokenizer=tokenizer, progress=progress,
                         **options["das"])
     transfer = knob_transfer(knob, models, test, bare, calibration=calibration, tokenizer=tokenizer,
-                             n_points=options["n_points"], progress=progress)
+                             n_points=options["n_points"], reach=options["reach"],
+                             progress=progress)
     seconds["knob"] = round(time.perf_counter() - clock, 1)
 
     clock = time.perf_counter()
