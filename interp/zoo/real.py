@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from interp.cache import atomic_dir, atomic_write_json, content_key, entry, file_digest
 from interp.errors import CheckpointError, TaskError
@@ -324,7 +323,7 @@ def _finetune(base: Path, config, out: Path, progress: bool) -> dict[str, Any]:
     """Train ``config`` on the real task's train split; save adapter/model + ``interp.json``."""
     from transformers import AutoTokenizer
 
-    from interp.zoo.train import _answer_loss, _schedule, _trainable_model, set_determinism
+    from interp.zoo.train import _trainable_model, set_determinism, train_on_answers
 
     set_determinism(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -337,25 +336,9 @@ def _finetune(base: Path, config, out: Path, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     before = _evaluate(model, tokenizer, test, recall)
     eval_seconds = time.perf_counter() - started
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup, config.steps))
-    generator = torch.Generator().manual_seed(config.seed)
     label = f"{config.method}" + (f" r{config.rank}" if config.rank else "")
-    bar = tqdm(range(config.steps), desc=f"SmolLM2 {config.task} {label}", disable=not progress)
-    started = time.perf_counter()
-    model.train()
-    for step in bar:
-        index = torch.randint(len(train), (config.batch_size,), generator=generator).tolist()
-        loss = _answer_loss(model, tokenizer, [train.prompts[i] for i in index], targets[index])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 5 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    train_seconds = time.perf_counter() - started
+    loss, train_seconds = train_on_answers(model, tokenizer, train, targets, config,
+                                           f"SmolLM2 {config.task} {label}", progress)
     after = _evaluate(model, tokenizer, test, recall)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -336,6 +336,34 @@ def _answer_loss(model, tokenizer, prompts: list[str], targets: Tensor) -> Tenso
     return torch.nn.functional.cross_entropy(logits, targets)
 
 
+def train_on_answers(model, tokenizer, train: Task, targets: Tensor, config: FinetuneConfig,
+                     desc: str, progress: bool = True) -> tuple[Tensor, float]:
+    """The fine-tuning loop: AdamW on whatever requires grad, loss on the answer token only.
+
+    Batches of ``config.batch_size`` prompts drawn with ``config.seed``; linear
+    warmup then cosine decay; gradients clipped to norm 1. Shared by the zoo
+    and the SmolLM2 fine-tunes. Returns the last batch's loss and the seconds taken.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup, config.steps))
+    generator = torch.Generator().manual_seed(config.seed)
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        index = torch.randint(len(train), (config.batch_size,), generator=generator).tolist()
+        loss = _answer_loss(model, tokenizer, [train.prompts[i] for i in index], targets[index])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss, time.perf_counter() - start
+
+
 def finetune(base_dir: str | Path, config: FinetuneConfig, out_dir: str | Path,
              progress: bool = True) -> dict[str, Any]:
     """Fine-tune the base in ``base_dir`` on ``config.task`` and save the result in ``out_dir``.
@@ -354,25 +382,8 @@ def finetune(base_dir: str | Path, config: FinetuneConfig, out_dir: str | Path,
     model = _trainable_model(base_dir, config)
     eval_tasks = ("facts", config.task) if config.task != "facts" else ("facts",)
     before = evaluate(model, tokenizer, world, eval_tasks)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.warmup, config.steps))
-    generator = torch.Generator().manual_seed(config.seed)
-    start = time.perf_counter()
-    model.train()
     desc = f"zoo: {config.task} {config.method}" + (f" r{config.rank}" if config.rank else "")
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False)
-    for step in bar:
-        index = torch.randint(len(train), (config.batch_size,), generator=generator).tolist()
-        loss = _answer_loss(model, tokenizer, [train.prompts[i] for i in index], targets[index])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    seconds = time.perf_counter() - start
+    loss, seconds = train_on_answers(model, tokenizer, train, targets, config, desc, progress)
     after = evaluate(model, tokenizer, world, eval_tasks)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
