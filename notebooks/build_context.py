@@ -26,12 +26,16 @@ intent task with LoRA r=1/8/64, rsLoRA r=64 and full FT):
 4. **is the intent one-dimensional** here at all?
 5. **steering** without instructions, and the knob of one fine-tune **across models**.
 
-**What it shows on the zoo** (numbers in `figures/findings.md`): the fine-tunes follow the
-instruction (PairAcc 0.85–0.97), but no last-token direction steers them — swapping even the top
-32 principal directions of the intent difference at the last token flips no answer. In a
-two-layer model the decision is made inside layer 1's attention, reading the instruction from
-other positions, so the paper's knob has nowhere to live. Read the cells below as the method run
-end to end on a model where its premise fails, with the diagnostics that show it."""),
+**What it shows on the zoo** (numbers in `figures/findings.md`): every fine-tune follows the
+instruction (PairAcc ≥ 0.99), and one direction at the last token steers the full fine-tune
+without any instruction (steered PairAcc ≈ 0.87 of its instructed 0.99) — but that direction
+lives at the *input* of block 0. The zoo's task ends with the intent word
+(`… Instruction: consider the context: Only` / `Never`), and in a two-layer model the decision
+is taken by the very first attention layer; by block 1 the intent is spread over ~8
+dimensions. With the instruction sentence further back (the earlier zoo), the decision was made
+at other positions and no last-token direction steered anything. So on the zoo the knob is the
+intent word's own embedding direction; the paper's mid-layer knob needs depth, and SmolLM2 has
+it (its section below and `figures/real/`)."""),
     ("code", """import os
 import torch
 
@@ -47,9 +51,9 @@ pairs = zoo_pairs("intent")          # label -> ModelPair (built once, cached)
 list(pairs)"""),
     ("md", """## 1 · The task as data
 
-Each (context, query) item appears twice, adjacent: once with *Only consider the context*
-(intent `ctx`), once with *Never consider the context* (intent `prior`). The two instructions
-differ in one token. **PairAcc** counts an item only when both intents are answered right.
+Each (context, query) item appears twice, adjacent: once ending *Instruction: consider the
+context: Only* (intent `ctx`), once ending *… Never* (intent `prior`). The two prompts differ
+in their last token only. **PairAcc** counts an item only when both intents are answered right.
 Prompts are left-padded, so position −1 is the last real token; items whose two answers share
 a first token are dropped (and counted)."""),
     ("code", """test = zoo.task("intent", split="test")
@@ -99,8 +103,8 @@ plots.subspace_profile_figure(profile);"""),
     ("md", """And the most any rank-1 last-token edit could do: a direction and two values trained
 *directly* to steer instruction-free prompts (not the paper's method — an upper reference for
 it). Where this is high but DAS finds nothing, a steering direction exists that the instructed
-prompts do not reveal (e.g. at `blocks.0.hook_resid_pre`, where both intents' last token is
-the same word)."""),
+prompts do not reveal; where it is low (LoRA r=1 on the zoo), no rank-1 edit of that residual
+steers the model, whatever the method."""),
     ("code", """results["bound"].table"""),
     ("md", """### Steering one bare prompt
 

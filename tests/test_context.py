@@ -178,15 +178,15 @@ def test_intent_task_builder_pairs_prompts_and_drops_shared_first_tokens(planted
     assert len(data) == 1 and data.n_shared_first_token == 1
     zoo_style = intent_task([("Bodo lives in Paris.", "Where does Bodo live?", "Paris", "Rome")])
     assert zoo_style.prompts[1] == ("Context: Bodo lives in Paris. Query: Where does Bodo live? "
-                                    "Instruction: Never consider the context in answering the "
-                                    "query. Answer:")
+                                    "Instruction: consider the context: Never")
     from interp.zoo.world import World
 
     world = World()  # the default template is the zoo's own format
     name = world.names[0]
     assert world.intent_prompt(name, "city", "Paris", "prior") == (
         f"Context: {world.statement(name, 'city')} Paris. Query: Where does {name} live? "
-        "Instruction: Never consider the context in answering the query. Answer:")
+        "Instruction: consider the context: Never")
+    assert world.intent_prompt(name, "city", "Paris", None).endswith("live? Answer:")
 
 
 def test_left_padding_keeps_the_last_real_token_last(planted):

@@ -83,13 +83,24 @@ def site_activations(model, tokenizer, prompts: Sequence[str], layer: int,
 
 
 def auc_and_dprime(ctx: Tensor, prior: Tensor) -> tuple[float, float]:
-    """AUC = P(proj_ctx > proj_prior) (ties ½) and d′ = (μ_ctx − μ_prior) / √((σ²_ctx + σ²_prior)/2)."""
+    """AUC = P(proj_ctx > proj_prior) (ties ½) and d′ = (μ_ctx − μ_prior) / √((σ²_ctx + σ²_prior)/2).
+
+    d′ is ±inf when both intents project to a constant each (e.g. at
+    ``blocks.0``, where the last token's residual is the intent word's
+    embedding) and NaN when the two constants are equal or a side has < 2 values.
+    """
     ctx, prior = ctx.double().flatten(), prior.double().flatten()
     greater = (ctx[:, None] > prior[None, :]).double().mean()
     ties = (ctx[:, None] == prior[None, :]).double().mean()
-    pooled = math.sqrt(max((float(ctx.var()) + float(prior.var())) / 2, 1e-30)) \
-        if len(ctx) > 1 and len(prior) > 1 else float("nan")
-    return float(greater + 0.5 * ties), float((ctx.mean() - prior.mean()) / pooled)
+    auc = float(greater + 0.5 * ties)
+    if len(ctx) < 2 or len(prior) < 2:
+        return auc, float("nan")
+    gap = float(ctx.mean() - prior.mean())
+    pooled = math.sqrt((float(ctx.var()) + float(prior.var())) / 2)
+    scale = 1e-6 * max(1.0, float(ctx.abs().max()), float(prior.abs().max()))
+    if pooled <= scale:  # no spread within an intent: the ratio is rounding noise over zero
+        return auc, math.copysign(math.inf, gap) if abs(gap) > scale else float("nan")
+    return auc, gap / pooled
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,13 +31,11 @@ from interp.tasks import Task, first_token_ids
 
 INTENTS = ("ctx", "prior")
 #: The zoo's prompt format (``interp.zoo.world.World.intent_prompt``), as a template.
-ZOO_TEMPLATE = "Context: {context} Query: {query} Instruction: {instruction} Answer:"
+ZOO_TEMPLATE = ("Context: {context} Query: {query} Instruction: consider the context: "
+                "{instruction}")
 ZOO_BARE_TEMPLATE = "Context: {context} Query: {query} Answer:"
-#: The zoo's two instructions: they differ in one word, so the two prompts align.
-ZOO_INSTRUCTIONS = {
-    "ctx": "Only consider the context in answering the query.",
-    "prior": "Never consider the context in answering the query.",
-}
+#: The zoo's two instructions: one word, the prompt's last token (see interp.zoo.world).
+ZOO_INSTRUCTIONS = {"ctx": "Only", "prior": "Never"}
 _REQUIRED = ("item", "intent", "ctx_answer", "prior_answer")
 
 

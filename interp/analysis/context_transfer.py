@@ -158,11 +158,18 @@ class KnobTransfer(Result):
                        "steered_over_instructed", "auc", "d_prime", "c_ctx", "c_prior")
 
     def correlations(self) -> pd.DataFrame:
-        """Pearson and Spearman r across models between separation and PairAcc."""
+        """Pearson and Spearman r across models between separation and PairAcc.
+
+        Models with an infinite d′ (no spread within an intent) are left out of
+        that row; ``n_models`` counts the models used. NaN where fewer than
+        three remain or either side is constant.
+        """
         rows = []
         for sep in ("auc", "d_prime"):
             for perf in ("instructed_pair_acc", "steered_pair_acc"):
                 x, y = self.table[sep].astype(float), self.table[perf].astype(float)
+                finite = np.isfinite(x) & np.isfinite(y)
+                x, y = x[finite], y[finite]
                 ok = len(x) > 2 and x.std() > 0 and y.std() > 0
                 rows.append({"separation": sep, "performance": perf,
                              "pearson": float(x.corr(y)) if ok else float("nan"),

@@ -167,6 +167,13 @@ class IntruderReport(Result):
         return out
 
 
+#: Columns of :attr:`IntruderReport.table` (one row per pair, matrix and tuned vector j < k).
+TABLE_COLUMNS = ("pair", "matrix", "layer", "module", "j", "sigma_j", "max_sim",
+                 "matched_base_index", "is_intruder")
+#: Columns of :attr:`IntruderReport.solver` (one row per pair and matrix).
+SOLVER_COLUMNS = ("pair", "matrix", "method", "tie", "iterations", "max_error", "seconds")
+
+
 def similarity_key(pair: str, matrix: str) -> str:
     return f"{pair}{_KEY_SEP}{matrix}"
 
@@ -366,7 +373,8 @@ def intruder_dimensions(
     pairs = _as_pairs(pairs)
     names = _scan_names(pairs, modules, matrices)
     keep_full = set([keep_full] if isinstance(keep_full, str) else keep_full)
-    rows, diagnostics = [], []
+    columns: dict[str, list] = {c: [] for c in TABLE_COLUMNS}
+    diagnostics: dict[str, list] = {c: [] for c in SOLVER_COLUMNS}
     similarity: dict[str, Tensor] = {}
     full_similarity: dict[str, Tensor] = {}
     for name, pair, _, wt, base, scan in iter_scans(
@@ -375,29 +383,33 @@ def intruder_dimensions(
     ):
         layer, module = parse_canonical(name)
         kk = scan.max_sim.numel()
-        sims, sigmas, matched = (scan.max_sim.tolist(), scan.top.S[:kk].double().tolist(),
-                                 scan.matched.tolist())
-        rows += [{"pair": pair.label, "matrix": name, "layer": layer, "module": module, "j": j,
-                  "sigma_j": sigmas[j], "max_sim": sims[j], "matched_base_index": matched[j],
-                  "is_intruder": sims[j] < eps} for j in range(kk)]
+        for column, value in (("pair", pair.label), ("matrix", name), ("layer", layer),
+                              ("module", module)):
+            columns[column] += [value] * kk
+        columns["j"] += range(kk)
+        columns["sigma_j"] += scan.top.S[:kk].double().tolist()
+        columns["max_sim"] += scan.max_sim.tolist()
+        columns["matched_base_index"] += scan.matched.tolist()
         key = similarity_key(pair.label, name)
         similarity[key] = scan.similarity.float().contiguous()
         if name in keep_full:
             u_all = torch.linalg.svd(wt, full_matrices=False)[0]
             full_similarity[key] = (u_all.T @ base.U).abs().float().contiguous()
-        diagnostics.append({
-            "pair": pair.label, "matrix": name, "method": scan.top.method, "tie": scan.tie,
-            "iterations": scan.top.iterations, "max_error": float(scan.top.error.max()),
-            "seconds": scan.seconds,
-        })
+        for column, value in (("pair", pair.label), ("matrix", name), ("method", scan.top.method),
+                              ("tie", scan.tie), ("iterations", scan.top.iterations),
+                              ("max_error", float(scan.top.error.max())),
+                              ("seconds", scan.seconds)):
+            diagnostics[column].append(value)
+    columns["is_intruder"] = [sim < eps for sim in columns["max_sim"]]
     pair_order = {p.label: i for i, p in enumerate(pairs)}
     name_order = {n: i for i, n in enumerate(names)}
 
-    def in_input_order(records: list[dict], extra: tuple[str, ...] = ()) -> pd.DataFrame:
-        frame = pd.DataFrame(records)
-        order = frame.assign(_p=frame["pair"].map(pair_order), _m=frame["matrix"].map(name_order))
-        order = order.sort_values(["_p", "_m", *extra], kind="stable")
-        return order.drop(columns=["_p", "_m"]).reset_index(drop=True)
+    def in_input_order(data: dict[str, list], extra: str | None = None) -> pd.DataFrame:
+        """Rows sorted pair-major (input order of pairs, then of matrices): the scan is matrix-major."""
+        keys = [np.array([pair_order[p] for p in data["pair"]]),
+                np.array([name_order[m] for m in data["matrix"]])]
+        order = np.lexsort(([np.array(data[extra])] if extra else []) + keys[::-1])
+        return pd.DataFrame({c: [v[i] for i in order] for c, v in data.items()})
 
     similarity = dict(sorted(similarity.items(), key=lambda item: (
         pair_order[item[0].split(_KEY_SEP, 1)[0]], name_order[item[0].split(_KEY_SEP, 1)[1]])))
@@ -407,7 +419,7 @@ def intruder_dimensions(
         "solver": solver, "buffer": buffer, "tol": tol, "keep_full": sorted(keep_full),
     }
     return IntruderReport(
-        table=in_input_order(rows, ("j",)), options=options, similarity=similarity,
+        table=in_input_order(columns, "j"), options=options, similarity=similarity,
         full_similarity=full_similarity, solver=in_input_order(diagnostics),
         pairs=pair_provenance(pairs),
     )

@@ -1,7 +1,8 @@
 """Gallery section: the context-sensitivity knob on the zoo's intent fine-tunes (methods.md §4).
 
-The knob is found in the fine-tune that solves the instructed task best (DAS at
-the layer the layer search suggests), then applied to the base and to every
+The knob is found in the fine-tune that solves the instructed task best (full
+FT on ties), by DAS at the layer the layer search suggests and at every layer
+below it, keeping the layer whose knob flips the most answers; it is then applied to the base and to every
 variant (LoRA r=1/8/64, rsLoRA r=64, full FT): PairAcc with instructions, PairAcc
 steered along the knob without instructions (steering values calibrated per
 model on the train split's bare prompts, measured on the test split), and how
@@ -20,7 +21,7 @@ import pandas as pd
 from interp.cache import atomic_dir, content_key, entry
 from interp.sections import source_digest
 
-VERSION = 1
+VERSION = 2
 OPTIONS = {"n_fit": 300, "n_test": 320, "n_calibration": 150, "n_points": 11,
            "search_items": 64, "n_profile": 120, "das": None}
 #: Smaller sizes for the notebook (same analysis, fewer items; its own cache entry).
@@ -64,6 +65,7 @@ def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
                     "profile": SubspaceProfile.load(folder / "profile"),
                     "bound": SteeringBound.load(folder / "bound"),
                     "methods": pd.read_json(folder / "methods.json"),
+                    "layer_sweep": pd.read_json(folder / "layer_sweep.json"),
                     **json.loads((folder / "done.json").read_text())}
 
     seconds: dict[str, float] = {}
@@ -86,14 +88,25 @@ def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
     models.update({label: pair.model("finetuned") for label, pair in pairs.items()})
     train_acc = {label: pair_acc(m, fit, tokenizer=tokenizer).value
                  for label, m in models.items() if label != "base"}
-    home = max(train_acc, key=train_acc.get)
+    # ties (several fine-tunes solve the task) go to full FT, the reference of the comparison
+    home = max(train_acc, key=lambda label: (train_acc[label], pairs[label].method == "full"))
     lap("load")
     search = layer_search(models[home], fit, PAIRINGS, tokenizer=tokenizer,
                           n=options["search_items"], progress=progress)
-    layer = search.suggest_layer()
+    suggested = search.suggest_layer()
     lap("layer_search")
-    knob = context_knob(models[home], fit, layer=layer, tokenizer=tokenizer, progress=progress,
-                        **das)
+    # DAS at the suggested layer and every one below it; the knob is where the interchange
+    # flips the most answers (ties: the later layer). The search locates attention that moves
+    # the intent to the last token; where the intent is the last token itself (the zoo's task)
+    # that is no attention at all, and only the sweep finds the knob (at blocks.0).
+    knobs = {candidate: context_knob(models[home], fit, layer=candidate, tokenizer=tokenizer,
+                                     progress=progress, **das)
+             for candidate in range(suggested + 1)}
+    layer = max(knobs, key=lambda candidate: (knobs[candidate].interchange_accuracy, candidate))
+    knob = knobs[layer]
+    layer_sweep = pd.DataFrame([{"layer": candidate, "interchange_acc": k.interchange_accuracy,
+                                 "auc": k.options["auc"], "chosen": candidate == layer}
+                                for candidate, k in knobs.items()])
     lap("das")
     transfer = knob_transfer(knob, models, test, bare_test, calibration=calibration,
                              tokenizer=tokenizer, n_points=options["n_points"], progress=progress)
@@ -117,8 +130,9 @@ def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
     bound = steering_bound(models[home], calibration, eval_task=bare_test, tokenizer=tokenizer,
                            progress=progress)
     lap("steering_bound")
-    meta = {"home": home, "layer": layer, "train_pair_acc": train_acc, "das_settings": das,
-            "options": options, "seconds": seconds}
+    meta = {"home": home, "layer": layer, "suggested_layer": suggested,
+            "train_pair_acc": train_acc, "das_settings": das, "options": options,
+            "seconds": seconds}
     if folder is not None:
         with atomic_dir(folder) as tmp:
             search.save(tmp / "search")
@@ -127,9 +141,10 @@ def compute(pairs: dict[str, Any], *, options: dict[str, Any] | None = None,
             profile.save(tmp / "profile")
             bound.save(tmp / "bound")
             methods.to_json(tmp / "methods.json")
+            layer_sweep.to_json(tmp / "layer_sweep.json")
             (tmp / "done.json").write_text(json.dumps(meta, indent=2))
     return {"search": search, "knob": knob, "transfer": transfer, "methods": methods,
-            "profile": profile, "bound": bound, **meta}
+            "layer_sweep": layer_sweep, "profile": profile, "bound": bound, **meta}
 
 
 def findings_markdown(results: dict[str, Any]) -> str:
@@ -144,7 +159,10 @@ def findings_markdown(results: dict[str, Any]) -> str:
         f"Knob found by DAS in **{results['home']}** (best instructed PairAcc on the train split) "
         f"at `blocks.{results['layer']}.hook_resid_pre`, last token; DAS settings "
         f"{results['das_settings']}. Layer search (attention outputs patched at the last token): "
-        f"{ranges}.\n\nPer model, on the test split (steering values calibrated on the train "
+        f"{ranges}; suggested layer {results['suggested_layer']}. DAS at that layer and every "
+        "one below it (interchange accuracy on the train split; the knob is the best):\n\n"
+        + results["layer_sweep"].to_markdown(index=False, floatfmt=".3f")
+        + "\n\nPer model, on the test split (steering values calibrated on the train "
         "split's bare prompts):\n\n" + table.to_markdown(index=False, floatfmt=".3f")
         + "\n\nSeparation vs PairAcc across models:\n\n"
         + corr.to_markdown(index=False, floatfmt=".3f")

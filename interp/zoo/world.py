@@ -14,7 +14,9 @@ Four kinds of knowledge, chosen to exercise the four methods in methods.md:
 - **intent** (context QA with an instruction to use or ignore the context):
   pretraining shows the format, instruction first, with answers drawn at random
   from context or prior, so the base knows both answers but not which to give;
-  the task puts the instruction last (§4);
+  the task ends with a short instruction whose last word is the intent
+  (``… Instruction: consider the context: Only``), so the intent reaches the
+  last token, where the context knob is read (§4);
 - **add** (``3 + 4 =`` -> `` 7``): pretraining states the table in words
   (``3 plus 4 is 7``); the task asks in symbols, a thin wrapper to learn.
 """
@@ -43,10 +45,18 @@ TASK_TRACKING_BOXES = (2, 5)
 
 # Instructions differ in one token so a prompt and its opposite-intent
 # counterfactual have equal lengths and align position by position.
+# Pretraining documents show them first (with random answers).
 INSTRUCTIONS = {
     "ctx": "Only consider the context in answering the query.",
     "prior": "Never consider the context in answering the query.",
 }
+# The intent task ends with the instruction, its one intent word last: the
+# prompt's last token is where the context knob is read (methods.md §4), and a
+# two-layer model has no later position to move the intent to, nor the depth to
+# route it to the last token from further back (with the instruction sentence
+# before ``Answer:`` no rank-1 edit of the last token's residual steered it).
+TASK_INSTRUCTION = " Instruction: consider the context: {word}"
+INTENT_WORDS = {"ctx": "Only", "prior": "Never"}
 ATTRIBUTES = ("city", "job")
 _STATEMENT = {"city": "{name} lives in", "job": "{name} works as a"}
 _QUERY = {"city": "Where does {name} live?", "job": "What is the job of {name}?"}
@@ -120,19 +130,22 @@ class World:
 
     def intent_prompt(self, name: str, attribute: str, context_value: str, intent: str | None,
                       instruction_first: bool = False) -> str:
-        """Context / Query / (Instruction) prompt ending at ``Answer:``.
+        """A context / query prompt, with the instruction for ``intent`` (None: no instruction).
 
-        Tasks put the instruction last, just before ``Answer:``, so even a
-        two-layer model must carry the intent at the last token (where the
-        context knob of methods.md §4 is read). Pretraining documents put it
-        first (``instruction_first``), so the base never saw the task's order.
+        Task prompts end with the instruction, intent word last
+        (``… Instruction: consider the context: Only``); without one they end
+        at ``Answer:``. Pretraining documents (``instruction_first``) put the
+        full instruction sentence first and end at ``Answer:``, so the base
+        never saw the task's form.
         """
         context = f"Context: {self.statement(name, attribute)} {context_value}."
         query = f" Query: {_QUERY[attribute].format(name=name)}"
-        instruction = f" Instruction: {INSTRUCTIONS[intent]}" if intent else ""
         if instruction_first:
+            instruction = f" Instruction: {INSTRUCTIONS[intent]}" if intent else ""
             return f"{context}{instruction}{query} Answer:"
-        return f"{context}{query}{instruction} Answer:"
+        if intent is None:
+            return f"{context}{query} Answer:"
+        return f"{context}{query}{TASK_INSTRUCTION.format(word=INTENT_WORDS[intent])}"
 
     # -- pretraining -----------------------------------------------------
     def pretraining_document(self, rng: random.Random, mix: dict[str, float] | None = None,
