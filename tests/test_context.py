@@ -381,3 +381,31 @@ def test_auc_and_dprime_on_known_distributions():
     auc, dprime = auc_and_dprime(a, b)
     # d' = 1 for unit-variance normals one apart; AUC = Φ(d'/√2) ≈ 0.760
     assert dprime == pytest.approx(1.0, abs=0.06) and auc == pytest.approx(0.760, abs=0.015)
+
+
+@pytest.mark.slow
+def test_zoo_knob_steers_the_full_fine_tune_without_instructions(zoo_ready):
+    """Issue 7's bar on the zoo: instructed PairAcc ≥ 0.85, steered ≥ 0.8 of it (notebook 04's sizes)."""
+    from interp.figures import zoo_pairs
+    from interp.sections.context import QUICK, compute
+
+    results = compute(zoo_pairs("intent"), options=QUICK, progress=False)
+    assert results["home"] == "intent-full"  # every fine-tune solves the task; ties go to full FT
+    assert results["layer"] == 0  # the intent word is the last token: the knob is at its input
+    rows = results["transfer"].table.set_index("model")
+    full = rows.loc["intent-full"]
+    assert full["instructed_pair_acc"] >= 0.85
+    assert full["steered_pair_acc"] >= 0.8 * full["instructed_pair_acc"]
+    assert rows.loc["base", "instructed_pair_acc"] < 0.1  # the base does not follow instructions
+    sweep = results["layer_sweep"].set_index("layer")
+    assert sweep.loc[0, "interchange_acc"] > 0.9 > sweep.loc[1, "interchange_acc"]
+
+
+def test_d_prime_without_spread_is_infinite_not_a_huge_number():
+    ctx, prior = torch.full((5,), 0.7), torch.full((4,), -0.2)
+    auc, d = auc_and_dprime(ctx, prior)
+    assert auc == 1.0 and d == math.inf
+    assert auc_and_dprime(prior, ctx)[1] == -math.inf
+    assert math.isnan(auc_and_dprime(ctx, ctx.clone())[1])
+    auc, d = auc_and_dprime(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]))
+    assert auc == 0.875 and d == pytest.approx(1 / math.sqrt(0.5))
