@@ -28,7 +28,7 @@ intent task with LoRA r=1/8/64, rsLoRA r=64 and full FT):
 
 **What it shows on the zoo** (numbers in `figures/findings.md`): every fine-tune follows the
 instruction (PairAcc ≥ 0.99), and one direction at the last token steers the full fine-tune
-without any instruction (steered PairAcc ≈ 0.87 of its instructed 0.99) — but that direction
+without any instruction (steered PairAcc ≈ 0.87, against 0.99 with instructions) — but that direction
 lives at the *input* of block 0. The zoo's task ends with the intent word
 (`… Instruction: consider the context: Only` / `Never`), and in a two-layer model the decision
 is taken by the very first attention layer; by block 1 the intent is spread over ~8
