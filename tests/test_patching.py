@@ -199,6 +199,22 @@ def test_batched_engine_equals_bridge_reference(tok):
         assert torch.equal(fast.per_item["accuracy"], slow.per_item["accuracy"])
 
 
+def test_logit_diff_only_reads_two_logits_and_agrees_with_the_full_unembedding(tok):
+    source, target = base_model(layers=2, seed=4), base_model(layers=2, seed=5)
+    task = make_task(n=8, lengths=(5, 8), seed=4)
+    kwargs = {"tokenizer": tok, "sites": ALL_GRIDS, "progress": False, "batch_tokens": 97}
+    full = patch(source, target, task, **kwargs)
+    lean = patch(source, target, task, metrics=("logit_diff",), **kwargs)
+    assert (full.per_item["logit_diff"] - lean.per_item["logit_diff"]).abs().max() < TOL
+    assert lean.per_item["prob"].isnan().all() and lean.per_item["accuracy"].isnan().all()
+    assert lean.table["recovered"].to_numpy() == pytest.approx(full.table["recovered"].to_numpy(), abs=1e-4)
+    assert lean.baselines["target_prob"].isfinite().all()  # unpatched runs keep every metric
+    with pytest.raises(InterpError, match="must be among metrics"):
+        patch(source, target, task, metric="prob", metrics=("logit_diff",), **kwargs)
+    with pytest.raises(InterpError, match="non-empty subset"):
+        patch(source, target, task, metrics=("loss",), **kwargs)
+
+
 def test_float64_runs_are_float64_throughout(tok):
     from interp.analysis.patching_engine import LlamaRunner
 

@@ -102,10 +102,13 @@ def base_svd(w0: Tensor, *, cache: bool = True, digest: str | None = None) -> Ba
         except Exception:  # noqa: BLE001 — any damaged entry is recomputed and rewritten
             path.unlink(missing_ok=True)
     U, S, _ = torch.linalg.svd(w0, full_matrices=False)
+    # Row-major, as a cached entry reads back: products with U then round the same way whether
+    # the SVD was fresh or cached, so a warm scan's table equals a cold one bit for bit.
+    U, S = U.contiguous(), S.contiguous()
     if cache:
         from safetensors.torch import save
 
-        _write_entry(path, save({"U": U.contiguous(), "S": S.contiguous()}))
+        _write_entry(path, save({"U": U, "S": S}))
     return BaseSVD(U, S, digest)
 
 

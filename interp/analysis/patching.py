@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -287,6 +288,44 @@ def readout(logits: Tensor, answers: Tensor, counter: Tensor | None) -> dict[str
     return {"logit_diff": diff.double(), "prob": prob, "accuracy": (logits.argmax(-1) == answers).double()}
 
 
+#: Rows unembedded per matrix product when scoring patched runs (``[rows, vocab]`` logits at a time).
+UNEMBED_ROWS = 256
+
+
+def score_outputs(runner, outputs: Tensor, answers: Tensor, counter: Tensor | None,
+                  metrics: Sequence[str] = METRICS) -> dict[str, Tensor]:
+    """Metrics ``[V, n]`` of ``V`` patched runs of ``n`` items from the runner's outputs ``[V, n, ·]``.
+
+    With only ``logit_diff`` asked for, just the answer and counterfactual
+    logits are computed (:meth:`LlamaRunner.token_logits`: two rows of the
+    unembedding instead of the whole vocabulary, the exact same numbers up to
+    float rounding). Otherwise whole-vocabulary logits are formed for up to
+    :data:`UNEMBED_ROWS` rows per product, so the unembedding runs as a few
+    large matrix products rather than one thin one per site. Metrics not asked
+    for are NaN.
+    """
+    n_variants, n = outputs.shape[:2]
+    if set(metrics) == {"logit_diff"} and counter is not None and hasattr(runner, "token_logits"):
+        tokens = torch.stack([answers, counter], dim=-1).repeat(n_variants, 1)  # [V·n, 2]
+        picked = runner.token_logits(outputs.reshape(n_variants * n, -1), tokens).double()
+        nan = torch.full((n_variants, n), math.nan, dtype=torch.float64)
+        return {"logit_diff": (picked[:, 0] - picked[:, 1]).view(n_variants, n), "prob": nan,
+                "accuracy": nan.clone()}
+    step = max(1, UNEMBED_ROWS // max(n, 1))
+    parts: dict[str, list[Tensor]] = {m: [] for m in METRICS}
+    for first in range(0, n_variants, step):
+        block = outputs[first:first + step]
+        logits = runner.to_logits(block.reshape(-1, block.shape[-1]))
+        rows = len(block)
+        scores = readout(logits, answers.repeat(rows), None if counter is None else counter.repeat(rows))
+        for m, v in scores.items():
+            parts[m].append(v.view(rows, n))
+    out = {m: torch.cat(v) for m, v in parts.items()}
+    for m in set(METRICS) - set(metrics):
+        out[m] = torch.full_like(out[m], math.nan)
+    return out
+
+
 @dataclasses.dataclass
 class _Group:
     """Items of one token length: indices into the task, source and target ids ``[n, T]``."""
@@ -321,7 +360,7 @@ def run_variants(
     source_runner, target_runner, groups: list[_Group], variant_fn, *, answers: Tensor,
     counter: Tensor | None, n_items: int, n_variants: int, values_fn=None, batch_items: int = 64,
     batch_tokens: int = 1 << 13, progress: bool = True, desc: str = "patching",
-    extra_capture: Sequence[tuple[str, int]] = (),
+    extra_capture: Sequence[tuple[str, int]] = (), score: Sequence[str] = METRICS,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Run every variant on every item; returns per-variant metrics ``[V, n]`` and baselines ``[n]``.
 
@@ -330,6 +369,7 @@ def run_variants(
     ``values_fn(source_cache, target_cache, length, index) -> values`` defaults
     to the source run's activations under the name ``"source"``. Empty
     variants (nothing to patch) get the target's metrics without a forward.
+    ``score``: the metrics to compute for patched runs (:func:`score_outputs`).
     """
     metrics = {m: torch.zeros(n_variants, n_items, dtype=torch.float64) for m in METRICS}
     baselines = {f"{side}_{m}": torch.zeros(n_items, dtype=torch.float64)
@@ -370,10 +410,10 @@ def run_variants(
             chunk = [live[i] for i in chunk]
             outputs = target_runner.run_variants([variants[i] for i in chunk], target_cache, values,
                                                  group.length)
-            for j, i in enumerate(chunk):  # unembed one variant at a time: [n, vocab] at most
-                logits = target_runner.to_logits(outputs[j])
-                for m, v in readout(logits, answers[sel], None if counter is None else counter[sel]).items():
-                    metrics[m][i, sel] = v
+            scores = score_outputs(target_runner, outputs, answers[sel],
+                                   None if counter is None else counter[sel], score)
+            for m, v in scores.items():
+                metrics[m][torch.tensor(chunk)[:, None], sel] = v
             bar.update(len(chunk))
         bar.update(len(variants) - len(live))
     bar.close()
@@ -470,6 +510,7 @@ def patch(
     dtype: torch.dtype = torch.float32,
     batch_items: int = 64,
     batch_tokens: int = 1 << 13,
+    metrics: Sequence[str] = METRICS,
     progress: bool = True,
 ) -> PatchResult:
     """Patch each site of ``sites`` from the source run into the target run; one result row per site.
@@ -483,10 +524,20 @@ def patch(
     "counterfactual") override which prompts each run reads. ``engine``:
     "fast" (batched, Llama family), "reference" (one bridge forward per site,
     any architecture), "auto". ``batch_tokens`` caps rows × recomputed
-    positions per batched forward.
+    positions per batched forward. ``metrics``: which metrics patched runs
+    compute (all three by default; the others are NaN in the table):
+    ``("logit_diff",)`` reads only the answer and counterfactual logits and
+    skips the whole-vocabulary unembedding at every site.
     """
     if metric not in METRICS:
         raise InterpError(f"metric must be one of {METRICS}, not {metric!r}")
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise InterpError(f"metrics must be a non-empty subset of {METRICS}, not {metrics!r}")
+    if metric not in metrics:
+        raise InterpError(f"metric={metric!r} is the one 'recovered' is computed from, so it must be "
+                          f"among metrics={metrics!r}")
     run = prepare(source, target, task, tokenizer=tokenizer, target_tokenizer=target_tokenizer,
                   direction=direction, dtype=dtype, source_prompts=source_prompts,
                   target_prompts=target_prompts, engine=engine)
@@ -504,14 +555,14 @@ def patch(
         run["source"], run["target"], run["groups"], variants, answers=run["answers"],
         counter=run["counter"], n_items=len(run["task"]), n_variants=len(site_list),
         batch_items=batch_items, batch_tokens=batch_tokens, progress=progress,
-        desc=f"patch {run['labels'][0]}→{run['labels'][1]}")
+        desc=f"patch {run['labels'][0]}→{run['labels'][1]}", score=metrics)
     table = _table(site_list, metrics, baselines, metric, run["tokens"])
     options = {"metric": metric, "direction": direction if isinstance(source, ModelPair) else None,
                "sites": [s if isinstance(s, str) else s.name for s in ([sites] if isinstance(sites, (str, Site)) else sites)],
                "positions": None if positions is None else list(positions), "engine": engine,
                "dtype": str(dtype), "task": run["task"].name, "n_items": len(run["task"]),
                "source_prompts": run["prompts"][0], "target_prompts": run["prompts"][1],
-               "width": width}
+               "width": width, "metrics": list(metrics)}
     return PatchResult(table=table, options=options, per_item=stored(metrics, dtype),
                        baselines=stored(baselines, dtype), tokens=list(run["tokens"]),
                        source_label=run["labels"][0], target_label=run["labels"][1],

@@ -207,6 +207,20 @@ class LlamaRunner:
         """Logits ``[R, vocab]`` from last-position residuals ``[R, d]``."""
         return self.model.lm_head(self.model.model.norm(h_last))
 
+    def token_logits(self, h_last: Tensor, tokens: Tensor) -> Tensor:
+        """Logits of chosen tokens only, ``[R, t]``, from residuals ``[R, d]`` and ids ``[R, t]``.
+
+        The unembedding restricted to the rows a metric reads (a logit
+        difference reads two of SmolLM2's 49,152): the same numbers as
+        :meth:`unembed` followed by a gather, to float rounding.
+        """
+        head = self.model.lm_head
+        normed = self.model.model.norm(h_last)  # [R, d]
+        logits = torch.einsum("rd,rtd->rt", normed, head.weight[tokens].to(normed.dtype))
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[tokens]
+        return logits
+
     # ------------------------------------------------------------------ plain forward
     @torch.no_grad()
     def forward(self, ids: Tensor, capture: set[tuple[str, int]] = frozenset()) -> tuple[dict, Tensor]:
