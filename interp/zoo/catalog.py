@@ -68,8 +68,8 @@ SCHEDULES: dict[tuple[str, str, int | None], tuple[int, float]] = {
     ("tracking", "lora", 8): (500, 3e-3),
     ("tracking", "lora", 64): (500, 1e-3),
     ("tracking", "rslora", 64): (500, 3e-4),
-    ("add", "full", None): (150, 1e-3),
-    ("add", "lora", 8): (150, 3e-3),
+    ("add", "full", None): (80, 5e-4),
+    ("add", "lora", 8): (80, 2e-3),
 }
 FINETUNES: tuple[tuple[str, str, int | None], ...] = tuple(SCHEDULES)
 
