@@ -120,6 +120,15 @@ def test_gpt2_lora_fan_in_fan_out_merges_like_peft(gpt2_pair):
         )
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merge_onto_a_base_matrix_already_read_gives_the_same_bits(llama_pair, gpt2_pair, kind):
+    root = llama_pair if kind == "llama" else gpt2_pair
+    pair = load_pair(root / "base", adapter=root / "lora")
+    for name in pair.matrix_names():
+        w0 = pair.base_matrix(name)
+        assert torch.equal(pair.finetuned_matrix(name, base_weight=w0), pair.finetuned_matrix(name))
+
+
 def test_matrices_stream_one_matrix_at_a_time(llama_pair):
     """Each yielded matrix is freed once the caller moves on: nothing accumulates."""
     pair = load_pair(llama_pair / "base", llama_pair / "lora")

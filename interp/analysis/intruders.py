@@ -238,6 +238,39 @@ def scan_matrix(
     return MatrixScan(top, similarity, max_sim, matched, tie, time.perf_counter() - start)
 
 
+def scan_batch(
+    w0: Tensor, wts: Sequence[Tensor], k: int, eps: float, base: BaseSVD,
+    tops: Sequence[TopSingular | None],
+) -> list[MatrixScan]:
+    """:func:`scan_matrix` for several fine-tunes of one base matrix, their top-k already found.
+
+    The similarity products, the error margins and the tie test run once for
+    the whole stack (a scan of the zoo's 128-wide matrices is otherwise
+    dominated by per-matrix overhead); a fine-tune whose top-k are missing or
+    whose flag is within error of ``ε`` goes through :func:`scan_matrix`,
+    which settles it with the dense SVD.
+    """
+    start = time.perf_counter()
+    ready = [i for i, top in enumerate(tops) if top is not None]  # same k: one batched solve
+    scans: list[MatrixScan | None] = [None] * len(wts)
+    if ready:
+        U = torch.stack([tops[i].U for i in ready])  # [b, d_out, k]
+        similarity = (U.mT @ base.U).abs()  # [b, k, q]
+        max_sim, matched = similarity.max(dim=-1)
+        kk = U.shape[-1]
+        S = torch.stack([tops[i].S for i in ready])
+        errors = torch.stack([tops[i].error for i in ready])
+        margin = errors + svd_noise(S, wts[ready[0]].dtype, tuple(w0.shape), kk)
+        tied = ((max_sim.double() - eps).abs() <= margin).any(dim=-1).tolist()
+        seconds = (time.perf_counter() - start) / len(ready)
+        for row, i in enumerate(ready):
+            if not tied[row]:
+                scans[i] = MatrixScan(tops[i], similarity[row], max_sim[row], matched[row], False,
+                                      seconds)
+    return [scan if scan is not None else scan_matrix(w0, wt, k, eps, base=base, top=top)
+            for scan, wt, top in zip(scans, wts, tops)]
+
+
 def _match(ut: Tensor, u0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``|utᵀ u0|`` ``[k, q]``, its row max and argmax (the paper's max over all base vectors)."""
     similarity = (ut.T @ u0).abs()
@@ -309,16 +342,18 @@ def iter_scans(
             w0 = members[0].base_matrix(name, dtype)
             digest = matrix_digest(w0) if cache else None
             base = base_svd(w0, cache=cache, digest=digest)
-            wts = [pair.finetuned_matrix(name, dtype) for pair in members]
-            tops: list[TopSingular | None] = [None] * len(members)
-            if solver in ("auto", "gram"):  # one batched eigensolve for all fine-tunes
+            wts = [pair.finetuned_matrix(name, dtype, base_weight=w0) for pair in members]
+            if solver in ("auto", "gram"):  # one batched eigensolve and test for all fine-tunes
                 tops = gram_top_batch(torch.stack(wts), k)
-            for pair, wt, top in zip(members, wts, tops):
+                for pair, wt, scan in zip(members, wts, scan_batch(w0, wts, k, eps, base, tops)):
+                    yield name, pair, w0, wt, base, scan
+                continue
+            for pair, wt in zip(members, wts):
                 extra_rank = None
                 if solver == "subspace":
                     factors = pair.lora_factors(name)
                     extra_rank = factors.rank if factors is not None else None
-                scan = scan_matrix(w0, wt, k, eps, base=base, solver=solver, top=top,
+                scan = scan_matrix(w0, wt, k, eps, base=base, solver=solver,
                                    extra_rank=extra_rank, buffer=buffer, tol=tol)
                 yield name, pair, w0, wt, base, scan
 

@@ -117,14 +117,24 @@ class ModelPair:
             return None
         return self.adapter.factors(self._spec(name).hf_name)
 
-    def finetuned_matrix(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
-        """Fine-tuned weight ``[d_out, d_in]``; for LoRA the merged ``W0 + s·B@A``."""
+    def finetuned_matrix(self, name: str, dtype: torch.dtype | None = None,
+                         base_weight: Tensor | None = None) -> Tensor:
+        """Fine-tuned weight ``[d_out, d_in]``; for LoRA the merged ``W0 + s·B@A``.
+
+        ``base_weight``: this pair's :meth:`base_matrix` ``name`` in ``dtype``, when
+        the caller holds it already, so a LoRA merge adds to it instead of reading
+        the base again (the same numbers either way).
+        """
         dtype = dtype or self.dtype
         spec = self._spec(name)
         if self.adapter is None:
             return spec.rule.extract(self.finetuned.tensor(spec.hf_name).to(dtype)).contiguous()
-        stored = self.base.tensor(spec.hf_name).to(dtype)
         factors = self.adapter.factors(spec.hf_name)
+        if base_weight is not None:
+            if factors is None:
+                return base_weight
+            return (base_weight + spec.rule.extract(factors.stored_delta(dtype))).contiguous()
+        stored = self.base.tensor(spec.hf_name).to(dtype)
         if factors is not None:
             stored = stored + factors.stored_delta(dtype)
         return spec.rule.extract(stored).contiguous()
