@@ -10,9 +10,10 @@ the logit difference (answer − counterfactual answer) at the last token:
   on the target's ``TransformerBridge`` (it works on 4.3 bridges unchanged) with
   the source bridge's ``run_with_cache`` as the "clean cache": one full hooked
   forward per (layer, position), logits at every position.
-* **interp**: ``interp.patch(..., sites="resid_pre")``, the batched engine
-  (variants stacked along the batch, layers below the patch and positions
-  before it reused from the target's cache, unembedding at the last position only).
+* **interp**: ``interp.patch(..., sites="resid_pre", metrics=("logit_diff",))``,
+  the batched engine (variants stacked along the batch, layers below the patch
+  and positions before it reused from the target's cache, and at the last
+  position only the two unembedding rows the logit difference reads).
 
 A second row per model patches within one model, TransformerLens's own use
 case: the clean prompts' residuals into the run on the counterfactual prompts
@@ -85,7 +86,8 @@ def interp_grid(source, target, tokenizer, task: Task, layers: list[int]) -> tup
     width = len(tokenizer(task.prompts[0])["input_ids"])
     sites = [Site("resid_pre", l, None, p) for l in layers for p in range(width)]
     start, cpu = time.perf_counter(), time.process_time()
-    result = patch(source, target, task, tokenizer=tokenizer, sites=sites, progress=False)
+    result = patch(source, target, task, tokenizer=tokenizer, sites=sites, progress=False,
+                   metrics=("logit_diff",))  # what the reference's metric function reads
     seconds = (time.perf_counter() - start, time.process_time() - cpu)
     return result.per_item["logit_diff"].view(len(layers), width, -1), seconds
 
@@ -100,19 +102,22 @@ def block_macs(config) -> tuple[float, float, float]:
     return q_o + k_v + mlp, k_v, d * config.vocab_size
 
 
-def work_ceiling(config, layers: list[int], length: int, first_live: int = 0) -> float:
+def work_ceiling(config, layers: list[int], length: int, first_live: int = 0,
+                 metric_rows: int = 2) -> float:
     """The most any exact one-result-per-site method can gain over one full forward per site.
 
     A patch of ``resid_pre`` at (layer l, position p) changes every residual at
     layers ≥ l and positions ≥ p, and the last logit reads all of them, so an
     exact method must run at least: blocks l … L−2 on positions p … T−1, the last
     block's key/value projections on those positions and the rest of it on the
-    last one, and one unembedding. The reference runs all L blocks and the
+    last one, and the ``metric_rows`` rows of the unembedding the metric reads
+    (two for a logit difference). The reference runs all L blocks and the whole
     unembedding on every position. Sites before ``first_live`` (where source and
     target activations are equal) cost nothing. Attention scores (≤ 5% here)
     are left out of both sides. Returns reference work / minimum work.
     """
     block, kv, unembed = block_macs(config)
+    metric_unembed = config.hidden_size * metric_rows
     n_layers = config.num_hidden_layers
     reference = minimum = 0.0
     for layer in layers:
@@ -121,7 +126,7 @@ def work_ceiling(config, layers: list[int], length: int, first_live: int = 0) ->
             if pos < first_live:
                 continue
             rows = length - pos
-            minimum += (n_layers - 1 - layer) * rows * block + rows * kv + (block - kv) + unembed
+            minimum += (n_layers - 1 - layer) * rows * block + rows * kv + (block - kv) + metric_unembed
     return reference / minimum
 
 

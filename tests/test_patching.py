@@ -215,6 +215,18 @@ def test_logit_diff_only_reads_two_logits_and_agrees_with_the_full_unembedding(t
         patch(source, target, task, metrics=("loss",), **kwargs)
 
 
+def test_engine_mlp_in_place_gives_the_modules_own_numbers():
+    from interp.analysis.patching_engine import LlamaRunner
+
+    model = base_model(layers=2, seed=21)
+    runner = LlamaRunner(model)
+    assert runner._gated_silu  # Llama's MLP takes the in-place path
+    h = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    block = model.model.layers[1]
+    with torch.no_grad():
+        assert torch.equal(runner.mlp(1, h), block.mlp(block.post_attention_layernorm(h)))
+
+
 def test_float64_runs_are_float64_throughout(tok):
     from interp.analysis.patching_engine import LlamaRunner
 

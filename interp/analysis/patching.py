@@ -290,6 +290,9 @@ def readout(logits: Tensor, answers: Tensor, counter: Tensor | None) -> dict[str
 
 #: Rows unembedded per matrix product when scoring patched runs (``[rows, vocab]`` logits at a time).
 UNEMBED_ROWS = 256
+#: Packed tokens per batched forward. Small enough that a chunk's activations stay in the CPU's
+#: cache (on SmolLM2, 2,048 ran 10–15% faster than 8,192), large enough to keep products busy.
+BATCH_TOKENS = 1 << 11
 
 
 def score_outputs(runner, outputs: Tensor, answers: Tensor, counter: Tensor | None,
@@ -359,7 +362,7 @@ def site_ops(site: Site, length: int, width: int, n_items: int) -> list[Op]:
 def run_variants(
     source_runner, target_runner, groups: list[_Group], variant_fn, *, answers: Tensor,
     counter: Tensor | None, n_items: int, n_variants: int, values_fn=None, batch_items: int = 64,
-    batch_tokens: int = 1 << 13, progress: bool = True, desc: str = "patching",
+    batch_tokens: int = BATCH_TOKENS, progress: bool = True, desc: str = "patching",
     extra_capture: Sequence[tuple[str, int]] = (), score: Sequence[str] = METRICS,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Run every variant on every item; returns per-variant metrics ``[V, n]`` and baselines ``[n]``.
@@ -509,7 +512,7 @@ def patch(
     engine: str = "auto",
     dtype: torch.dtype = torch.float32,
     batch_items: int = 64,
-    batch_tokens: int = 1 << 13,
+    batch_tokens: int = BATCH_TOKENS,
     metrics: Sequence[str] = METRICS,
     progress: bool = True,
 ) -> PatchResult:
