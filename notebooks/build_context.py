@@ -27,9 +27,9 @@ intent task with LoRA r=1/8/64, rsLoRA r=64 and full FT):
 5. **steering** without instructions, and the knob of one fine-tune **across models**.
 
 **What it shows on the zoo** (numbers in `figures/findings.md`): every fine-tune follows the
-instruction (PairAcc ≥ 0.99), and one direction at the last token steers the full fine-tune
-without any instruction (steered PairAcc ≈ 0.87, against 0.99 with instructions) — but that direction
-lives at the *input* of block 0. The zoo's task ends with the intent word
+instruction (PairAcc 0.96–1.00 on the test split), and one direction at the last token steers
+the full fine-tune without any instruction (steered PairAcc ≈ 0.88, against 1.00 with
+instructions; LoRA r=64 0.96) — but that direction lives at the *input* of block 0. The zoo's task ends with the intent word
 (`… Instruction: consider the context: Only` / `Never`), and in a two-layer model the decision
 is taken by the very first attention layer; by block 1 the intent is spread over ~8
 dimensions. With the instruction sentence further back (the earlier zoo), the decision was made
