@@ -406,13 +406,13 @@ class LlamaRunner:
 def _is_gated_silu(mlp, config) -> bool:
     """Whether ``mlp`` computes ``down(silu(gate(x)) * up(x))`` as Llama's does (then
     :meth:`LlamaRunner.mlp` may run it in place); anything else runs as the module itself."""
-    plain = type(mlp).forward in _GATED_FORWARDS()
+    plain = type(mlp).forward in _gated_silu_forwards()
     linear = all(isinstance(getattr(mlp, n, None), torch.nn.Linear)
                  for n in ("gate_proj", "up_proj", "down_proj"))
     return plain and linear and getattr(config, "hidden_act", None) in ("silu", "swish")
 
 
-def _GATED_FORWARDS() -> tuple:
+def _gated_silu_forwards() -> tuple:
     """``forward`` of the transformers MLP classes known to be the plain gated-SiLU form."""
     from transformers.models.llama.modeling_llama import LlamaMLP
     from transformers.models.mistral.modeling_mistral import MistralMLP

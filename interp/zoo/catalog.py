@@ -26,6 +26,12 @@ from tqdm.auto import tqdm
 from interp.cache import atomic_dir, content_key, entry
 
 ZOO_VERSION = "zoo-2"
+#: Threads each recipe trains on, fixed so that the weights do not depend on who calls the build
+#: (a test session pinned to one thread trained a different base than the CLI on two, and only
+#: the one-thread base grew the context knob the zoo's tests and figures show). Fine-tunes, which
+#: train side by side in worker processes, take one each too. Part of every recipe's key.
+PRETRAIN_THREADS = 1
+FINETUNE_THREADS = 1
 _SOURCES = ("world.py", "tokenizer.py", "train.py")
 KIND = "zoo"
 
@@ -118,7 +124,12 @@ def recipe_key(recipe: Recipe, config: str = "default") -> str:
     parent = None
     if recipe.parent is not None:
         parent = recipe_key(recipes(config)[recipe.parent], config)
-    return content_key(recipe.as_dict(), parent, ZOO_VERSION, _source_digest(), _library_versions())
+    return content_key(recipe.as_dict(), parent, ZOO_VERSION, _source_digest(), _library_versions(),
+                       {"threads": _threads(recipe)})
+
+
+def _threads(recipe: Recipe) -> int:
+    return PRETRAIN_THREADS if recipe.finetune is None else FINETUNE_THREADS
 
 
 def path_of(name: str, config: str = "default") -> Path:
@@ -131,10 +142,10 @@ def path_of(name: str, config: str = "default") -> Path:
 
 
 def _build_one(recipe: Recipe, folders: dict[str, Path], progress: bool) -> Path:
-    """Train one recipe into its folder (atomically); fine-tunes run on one thread.
+    """Train one recipe into its folder (atomically) on its fixed thread count (:func:`_threads`).
 
-    One thread per fine-tune makes the weights independent of how many
-    fine-tunes run side by side, and tiny models gain little from more.
+    The count changes how floating-point sums are split, and training amplifies
+    such differences, so it is fixed per recipe rather than taken from the caller.
     """
     import torch
 
@@ -144,15 +155,15 @@ def _build_one(recipe: Recipe, folders: dict[str, Path], progress: bool) -> Path
     if final.exists():
         return final
     threads = torch.get_num_threads()
-    with atomic_dir(final) as tmp:
-        if recipe.finetune is None:
-            pretrain(recipe.base, tmp, progress=progress)
-        else:
-            torch.set_num_threads(1)
-            try:
+    torch.set_num_threads(_threads(recipe))
+    try:
+        with atomic_dir(final) as tmp:
+            if recipe.finetune is None:
+                pretrain(recipe.base, tmp, progress=progress)
+            else:
                 finetune(folders[recipe.parent], recipe.finetune, tmp, progress=progress)
-            finally:
-                torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
     return final
 
 
