@@ -83,7 +83,7 @@ class Task:
 
     def split(self, fraction: float = 0.5) -> tuple[Task, Task]:
         """Split into (first, rest) at ``fraction`` of the items, keeping order."""
-        cut = int(round(len(self) * fraction))
+        cut = round(len(self) * fraction)
         if not 0 < cut < len(self):
             raise TaskError(f"split({fraction}) of {len(self)} items leaves an empty part")
         return self.subset(slice(0, cut)), self.subset(slice(cut, None))

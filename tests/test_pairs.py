@@ -6,13 +6,12 @@ import gc
 import json
 import shutil
 import weakref
-from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file, save_file
 
-import tiny
 from interp import load_pair
 from interp.errors import (
     AdapterMismatchError,
@@ -170,7 +169,7 @@ def test_hub_id_resolves_from_local_cache_only(llama_pair, tmp_path, monkeypatch
     (cache / "models--someone--tiny-llama" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     pair = load_pair("someone/tiny-llama", llama_pair / "ft")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
+import itertools
 
+import pytest
 import tiny
+
 from interp.cli import main
 from interp.figures import gallery_files
 from interp.tasks import Task
@@ -35,9 +37,9 @@ def test_report_with_a_task_adds_accuracy_and_patching(checkpoints, tmp_path):
     words = [f"w{i}" for i in range(10, 30)]
     task = Task(
         name="toy",
-        prompts=[f"w1 {a} w2 {b}" for a, b in zip(words, words[1:])],
+        prompts=[f"w1 {a} w2 {b}" for a, b in itertools.pairwise(words)],
         answers=[f" {b}" for b in words[1:]],
-        counterfactual_prompts=[f"w1 {b} w2 {a}" for a, b in zip(words, words[1:])],
+        counterfactual_prompts=[f"w1 {b} w2 {a}" for a, b in itertools.pairwise(words)],
         counterfactual_answers=[f" {a}" for a in words[:-1]],
     )
     task.save(tmp_path / "task.json")

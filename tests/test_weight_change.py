@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from interp import load_pair
 from interp.analysis.weight_change import WeightChange, weight_change
 
